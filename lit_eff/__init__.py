@@ -1,0 +1,32 @@
+"""lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
+
+from lit_eff import flops, schedules, seeding
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor
+from lit_eff.datamodules import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    SyntheticImageDataModule,
+    TextDataModule,
+)
+from lit_eff.models import GPT, CausalLM, ImageClassifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CausalLM",
+    "DigitsDataModule",
+    "FlopsBudget",
+    "FlopsMonitor",
+    "GPT",
+    "ImageClassifier",
+    "ImageFolderDataModule",
+    "SyntheticImageDataModule",
+    "TextDataModule",
+    "flops",
+    "schedules",
+    "seeding",
+]

@@ -1,0 +1,192 @@
+"""Training FLOPs of every optimizer step, counted from that step's real shapes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lit_eff.flops import FlopTracker
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    if "bf16" in precision:
+        return torch.bfloat16
+    if "16" in precision:
+        return torch.float16
+    if "64" in precision:
+        return torch.float64
+    return torch.float32
+
+
+class FlopsMonitor(Callback):
+    """Counts the training FLOPs (forward + backward) of every optimizer step.
+
+    The count comes from the shapes each step really ran (:class:`lit_eff.flops.FlopTracker`),
+    so steps with dropped tokens or sampled subnets are counted right, and it costs one
+    dictionary lookup per matmul once a shape has been seen. Under DDP the counts of all ranks
+    are summed. Logs, per optimizer step:
+
+    - ``flops/step``, ``flops/total``: executed FLOPs (what the hardware ran);
+    - ``flops/effective_step``, ``flops/effective_total``: sparse-effective FLOPs (a module whose
+      weights a technique masks counts at its density; equal to executed without such techniques);
+    - ``flops/samples_per_sec``, ``flops/tokens_per_sec`` (token batches only), ``flops/per_sec``;
+    - ``flops/mfu``: model FLOPs utilisation, when the peak is known (``peak_flops`` per device,
+      or Lightning's table of CUDA devices).
+
+    Runs on: ``on_train_batch_start``/``on_train_batch_end`` (counting), ``on_fit_end`` (summary).
+
+    Args:
+        peak_flops: peak FLOP/s of one device, for MFU; ``None`` looks the device up.
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: lit_eff.callbacks.FlopsMonitor
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"Expected `peak_flops` > 0 (FLOP/s of one device), got peak_flops={peak_flops}")
+        self.peak_flops = peak_flops
+        self.tracker = FlopTracker()
+        self.total_executed = 0.0
+        self.total_effective = 0.0
+        self.total_samples = 0
+        self.total_tokens = 0
+        self.steps = 0
+        self._last_step = -1
+        self._in_batch = False
+        self._step_samples = 0
+        self._step_tokens = 0
+        self._step_executed = 0.0
+        self._step_effective = 0.0
+        self._last_time: float | None = None
+        self._peak: float | None = None
+
+    # -----------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._peak = self.peak_flops
+        if self._peak is None:
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            device = trainer.strategy.root_device
+            if device.type == "cuda":
+                self._peak = get_available_flops(device, _compute_dtype(str(trainer.precision)))
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._last_time = time.perf_counter()
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        first = _first_tensor(batch)
+        if first is not None:
+            self._step_samples += first.shape[0] if first.dim() else 1
+            if not (first.is_floating_point() or first.is_complex()) and first.dim() >= 2:
+                self._step_tokens += first.numel()
+        self.tracker.sync_density_hooks()
+        self.tracker.reset()
+        self.tracker.__enter__()
+        self._in_batch = True
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.end_batch(trainer, pl_module)
+
+    def end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the current batch's count and, after an optimizer step, log it. Idempotent, so a
+        callback that needs the up-to-date total (:class:`FlopsBudget`) may call it first."""
+        if not self._in_batch:
+            return
+        self._in_batch = False
+        self.tracker.__exit__(None, None, None)
+        self._step_executed += self.tracker.executed
+        self._step_effective += self.tracker.effective
+        if trainer.global_step > self._last_step:
+            self._finish_step(trainer, pl_module)
+
+    def _finish_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        counts = [self._step_executed, self._step_effective, float(self._step_samples), float(self._step_tokens)]
+        if trainer.world_size > 1:
+            summed = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64,
+                                                          device=trainer.strategy.root_device), reduce_op="sum")
+            counts = summed.tolist()
+        executed, effective, samples, tokens = counts
+        now = time.perf_counter()
+        seconds = max(now - (self._last_time or now), 1e-9)
+        self._last_time = now
+        self._last_step = trainer.global_step
+        self.steps += 1
+        self.total_executed += executed
+        self.total_effective += effective
+        self.total_samples += int(samples)
+        self.total_tokens += int(tokens)
+        metrics = {
+            "flops/step": executed,
+            "flops/effective_step": effective,
+            "flops/total": self.total_executed,
+            "flops/effective_total": self.total_effective,
+            "flops/per_sec": executed / seconds,
+            "flops/samples_per_sec": samples / seconds,
+        }
+        if tokens:
+            metrics["flops/tokens_per_sec"] = tokens / seconds
+        if self._peak:
+            metrics["flops/mfu"] = executed / seconds / (self._peak * trainer.world_size)
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        self._step_executed = self._step_effective = 0.0
+        self._step_samples = self._step_tokens = 0
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._in_batch:
+            self._in_batch = False
+            self.tracker.__exit__(None, None, None)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rank_zero_info(
+            f"lit_eff: {self.steps} optimizer steps spent {self.total_executed:.4g} training FLOPs"
+            f" (sparse-effective {self.total_effective:.4g})"
+        )
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.tracker.remove_hooks()
+
+    # state -----------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_executed": self.total_executed, "total_effective": self.total_effective,
+                "total_samples": self.total_samples, "total_tokens": self.total_tokens, "steps": self.steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_executed = float(state_dict.get("total_executed", 0.0))
+        self.total_effective = float(state_dict.get("total_effective", 0.0))
+        self.total_samples = int(state_dict.get("total_samples", 0))
+        self.total_tokens = int(state_dict.get("total_tokens", 0))
+        self.steps = int(state_dict.get("steps", 0))

@@ -1,0 +1,82 @@
+"""Shared plumbing of the kit's datamodules: validation, seeds and resumable loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import Dataset
+
+from lit_eff.datamodules.loader import BatchTransform, ResumableLoader
+from lit_eff.seeding import run_seed
+
+
+def check_positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"Expected `{name}` > 0, got {name}={value}")
+
+
+def check_fraction(name: str, value: float, upper: float = 1.0) -> None:
+    if not 0.0 <= value < upper:
+        raise ValueError(f"Expected `{name}` in [0, {upper}), got {name}={value}")
+
+
+class KitDataModule(LightningDataModule):
+    """Base of the kit's datamodules: ``train_data``/``val_data``/``test_data`` become
+    :class:`ResumableLoader` s, so resuming from any checkpoint replays exactly the batches the
+    uninterrupted run would have seen, and DDP ranks split every epoch without a sampler."""
+
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int | None = None) -> None:
+        super().__init__()
+        check_positive("batch_size", batch_size)
+        if num_workers < 0:
+            raise ValueError(f"Expected `num_workers` >= 0, got num_workers={num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_data: Sequence[torch.Tensor] | Dataset | None = None
+        self.val_data: Sequence[torch.Tensor] | Dataset | None = None
+        self.test_data: Sequence[torch.Tensor] | Dataset | None = None
+
+    def train_transform(self, batch: Any, gen: torch.Generator) -> Any:
+        return self.eval_transform(batch, gen)
+
+    def eval_transform(self, batch: Any, gen: torch.Generator) -> Any:
+        return batch
+
+    def _loader(self, data: Any, train: bool) -> ResumableLoader:
+        if data is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create this split")
+        transform: BatchTransform = self.train_transform if train else self.eval_transform
+        loader = ResumableLoader(
+            data,
+            self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed if self.seed is not None else run_seed(),
+            transform=transform,
+            num_workers=self.num_workers,
+            resumable=train,
+        )
+        if train and len(loader) == 0:
+            raise ValueError(
+                f"Expected `batch_size` <= the {len(loader.epoch_indices(0))} training samples per process,"
+                f" got batch_size={self.batch_size}"
+            )
+        if self.trainer is not None and self.trainer.world_size > 1:
+            loader.set_distributed(self.trainer.world_size, self.trainer.global_rank)
+        return loader
+
+    def train_dataloader(self) -> ResumableLoader:
+        return self._loader(self.train_data, train=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        return self._loader(self.val_data, train=False)
+
+    def test_dataloader(self) -> ResumableLoader:
+        return self._loader(self.test_data, train=False)
+
+    def predict_dataloader(self) -> ResumableLoader:
+        return self._loader(self.test_data, train=False)

@@ -1,0 +1,161 @@
+"""A deterministic, resumable batch loader.
+
+Lightning saves the state of any train loader that has ``state_dict``/``load_state_dict`` in
+its checkpoints and restores it on resume, but a plain ``DataLoader`` has no such state, so a
+resumed run restarts the epoch's sampling and replays batches. :class:`ResumableLoader` makes
+the batch sequence a pure function of (seed, epoch, rank, batch index):
+
+- the epoch's order is a permutation drawn from a generator seeded by (seed, epoch), identical on every
+  rank, then split between ranks (so Lightning needs no ``DistributedSampler``);
+- random augmentation of a batch draws from a generator seeded by (seed, epoch, rank, batch);
+- the state is ``{"epoch", "consumed"}``: the batches of the epoch already handed to the
+  training loop. A restored loader continues exactly after them.
+
+Datasets are either a tuple of tensors sharing their first dimension (indexed in one call per
+batch: the fast path for data that fits in memory) or any map-style ``Dataset`` (read by a
+``DataLoader`` with worker processes for the batches still to come).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from lit_eff.seeding import generator
+
+BatchTransform = Callable[[Any, torch.Generator], Any]
+
+
+class ResumableLoader:
+    """Iterates batches of ``dataset`` in a seeded order and can resume mid-epoch.
+
+    Args:
+        dataset: a tuple of tensors with a common first dimension, or a map-style dataset.
+        batch_size: samples per batch on each process.
+        shuffle: draw a new permutation every epoch (otherwise keep the dataset order).
+        drop_last: drop the last incomplete batch.
+        seed: seed of the permutations and of ``transform``'s generators.
+        transform: ``transform(batch, generator) -> batch`` applied to every batch (augmentation).
+        num_workers: worker processes for map-style datasets.
+        resumable: keep the position across ``iter()`` calls and in ``state_dict`` (train loaders);
+            when False every ``iter()`` starts from the first batch (evaluation loaders).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[torch.Tensor] | Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        transform: BatchTransform | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[list], Any] | None = None,
+        resumable: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"Expected `batch_size` > 0, got batch_size={batch_size}")
+        self.tensors = tuple(dataset) if isinstance(dataset, (tuple, list)) else None
+        if self.tensors is not None:
+            lengths = {len(t) for t in self.tensors}
+            if len(lengths) != 1:
+                raise ValueError(f"Expected tensors of equal length, got lengths {sorted(lengths)}")
+        self.dataset = dataset
+        self.num_samples = len(self.tensors[0]) if self.tensors is not None else len(dataset)  # type: ignore[arg-type]
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.transform = transform
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn or default_collate
+        self.resumable = resumable
+        self.num_replicas = 1
+        self.rank = 0
+        self.epoch = 0
+        self.consumed = 0
+        self._started = False
+        self._restored = False
+
+    # distribution ---------------------------------------------------------------------------
+    def set_distributed(self, num_replicas: int, rank: int) -> None:
+        """Split every epoch between ``num_replicas`` processes; this one is ``rank``."""
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+
+    def _samples_per_rank(self) -> int:
+        if self.num_replicas == 1:
+            return self.num_samples
+        # every rank gets the same count: pad by wrapping around (as DistributedSampler does)
+        return math.ceil(self.num_samples / self.num_replicas)
+
+    def __len__(self) -> int:
+        n = self._samples_per_rank()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """The sample indices this rank visits in ``epoch``, in order."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=generator(self.seed, "order", epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        if self.num_replicas > 1:
+            total = self._samples_per_rank() * self.num_replicas
+            if total > self.num_samples:
+                order = torch.cat([order, order[: total - self.num_samples]])
+            order = order[self.rank :: self.num_replicas]
+        return order
+
+    # state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        self.consumed = int(state.get("consumed", 0))
+        self.seed = int(state.get("seed", self.seed))
+        self._started = True
+        self._restored = True
+
+    # iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: nothing below runs until the first batch is asked for
+        if not self.resumable:
+            epoch, start = self.epoch, 0
+        else:
+            if self._restored:
+                self._restored = False
+                if self.consumed >= len(self):
+                    self.epoch, self.consumed = self.epoch + 1, 0
+            elif self._started:
+                self.epoch, self.consumed = self.epoch + 1, 0
+            self._started = True
+            epoch, start = self.epoch, self.consumed
+        indices = self.epoch_indices(epoch)
+        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        for position, batch in enumerate(self._fetch(batches[start:]), start=start):
+            if self.transform is not None:
+                batch = self.transform(batch, generator(self.seed, "transform", epoch, self.rank, position))
+            if self.resumable:
+                self.consumed = position + 1
+            yield batch
+
+    def _fetch(self, batches: list[torch.Tensor]) -> Iterator[Any]:
+        if self.tensors is not None:
+            for idx in batches:
+                yield tuple(t[idx] for t in self.tensors)
+            return
+        loader = DataLoader(
+            self.dataset,  # type: ignore[arg-type]
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=False,
+        )
+        yield from loader
+
+

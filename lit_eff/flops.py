@@ -1,0 +1,261 @@
+"""FLOP counting from the real shapes of each call.
+
+Two tools share one definition of a FLOP (PyTorch's ``FlopCounterMode`` formulas: matmuls,
+convolutions and attention; 2 FLOPs per multiply-add; backward counted from the ops autograd
+really runs):
+
+- :func:`flop_counter` returns a ``FlopCounterMode`` that also knows the CPU fused-attention
+  kernels PyTorch's own table misses. Use it for one-off counts (:func:`count_flops`).
+- :class:`FlopTracker` counts every training step cheaply. It intercepts only the few
+  FLOP-bearing torch functions (``F.linear``, convolutions, matmuls, attention) at the
+  ``__torch_function__`` level, counts each distinct call signature once by replaying it
+  forward and backward on meta tensors under :func:`flop_counter`, and caches the result, so
+  a steady-state step costs one dictionary lookup per matmul. Steps whose shapes change
+  (dropped tokens, sampled subnets) are counted from their own shapes.
+
+Sparse-effective FLOPs: a technique that masks a module's weights reports the module's density
+with :func:`set_density`; FLOPs executed inside that module then count ``density`` times in
+:attr:`FlopTracker.effective` (a 2:4-masked Linear counts half), while
+:attr:`FlopTracker.executed` keeps the dense count the hardware ran.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+__all__ = [
+    "FlopCount",
+    "FlopTracker",
+    "count_flops",
+    "flop_counter",
+    "get_density",
+    "set_density",
+    "clear_density",
+]
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {}
+if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+    _EXTRA_FORMULAS[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
+
+
+def flop_counter(display: bool = False, depth: int | None = None) -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU fused-attention kernels."""
+    return FlopCounterMode(display=display, depth=depth, custom_mapping=dict(_EXTRA_FORMULAS))
+
+
+@dataclass
+class FlopCount:
+    forward: int = 0
+    backward: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def count_flops(fn: Callable[[], torch.Tensor], backward: bool = True) -> FlopCount:
+    """Count the FLOPs of ``fn()`` and, if ``backward``, of backpropagating its (summed) output.
+
+    ``fn`` may build meta-device tensors and modules, which costs no compute::
+
+        with torch.device("meta"):
+            model = GPT(n_layer=2)
+            idx = torch.zeros(8, 64, dtype=torch.long)
+        count_flops(lambda: model(idx)).total
+    """
+    counter = flop_counter()
+    with counter:
+        out = fn()
+    forward = counter.get_total_flops()
+    backward_flops = 0
+    if backward:
+        loss = out.float().sum() if out.dim() else out
+        if loss.requires_grad:
+            with counter:  # entering the counter clears its previous counts
+                loss.backward()
+            backward_flops = counter.get_total_flops()
+    return FlopCount(forward=forward, backward=backward_flops)
+
+
+# ---------------------------------------------------------------------------------------------
+# densities reported by sparsity techniques
+# ---------------------------------------------------------------------------------------------
+_DENSITY: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+_DENSITY_VERSION = [0]
+
+
+def set_density(module: nn.Module, density: float) -> None:
+    """Report that ``module``'s matmuls effectively run at ``density`` (fraction of nonzero weights)."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"Expected `density` in [0, 1], got density={density}")
+    if _DENSITY.get(module) != density:
+        new_module = module not in _DENSITY
+        _DENSITY[module] = float(density)
+        if new_module:
+            _DENSITY_VERSION[0] += 1
+
+
+def get_density(module: nn.Module) -> float:
+    """The density reported for ``module`` (1.0 when no technique reported one)."""
+    return _DENSITY.get(module, 1.0)
+
+
+def clear_density(module: nn.Module) -> None:
+    """Forget ``module``'s density (a technique released its mask)."""
+    if _DENSITY.pop(module, None) is not None:
+        _DENSITY_VERSION[0] += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-step tracker
+# ---------------------------------------------------------------------------------------------
+_TENSOR_METHODS = [torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.matmul,
+                   torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm, torch.Tensor.baddbmm]
+_REPLAYED: set[Any] = {
+    F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.addbmm,
+    torch.einsum, *_TENSOR_METHODS,
+}
+_SDPA = F.scaled_dot_product_attention
+
+
+def _meta_like(value: Any, grad: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        if grad and value.requires_grad and (value.is_floating_point() or value.is_complex()):
+            meta.requires_grad_(True)
+        return meta
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta_like(v, grad) for v in value)
+    return value
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return value
+    return type(value).__name__
+
+
+def _replay(func: Any, args: tuple, kwargs: dict, grad: bool) -> FlopCount:
+    meta_args = _meta_like(args, grad)
+    meta_kwargs = {k: _meta_like(v, grad) for k, v in kwargs.items()}
+    counter = flop_counter()
+    with counter:
+        out = func(*meta_args, **meta_kwargs)
+    forward = counter.get_total_flops()
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not outs:
+        return FlopCount(forward, 0)
+    with counter:  # entering the counter clears its previous counts
+        torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+    return FlopCount(forward, counter.get_total_flops())
+
+
+def _sdpa_count(args: tuple, kwargs: dict, grad: bool) -> FlopCount:
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+    forward = sdpa_flop_count(q.shape, k.shape, v.shape)
+    needs_grad = grad and any(t.requires_grad for t in (q, k, v))
+    backward = sdpa_backward_flop_count(q.shape, q.shape, k.shape, v.shape) if needs_grad else 0
+    return FlopCount(forward, backward)
+
+
+class FlopTracker(TorchFunctionMode):
+    """Counts executed and sparse-effective FLOPs (forward + backward) of the code it wraps.
+
+    >>> tracker = FlopTracker()
+    >>> with tracker:
+    ...     y = torch.nn.functional.linear(torch.randn(4, 8), torch.randn(16, 8))
+    >>> tracker.executed
+    1024
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[Any, FlopCount] = {}
+        self._density_stack: list[float] = [1.0]
+        self._hooked: dict[int, tuple[weakref.ref, list]] = {}
+        self._hooked_version = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.executed = 0
+        self.effective = 0.0
+        self.forward_executed = 0
+
+    # module densities -----------------------------------------------------------------------
+    def sync_density_hooks(self) -> None:
+        """Hook the modules that have a reported density (cheap when nothing changed)."""
+        if self._hooked_version == _DENSITY_VERSION[0]:
+            return
+        wanted = {id(m): m for m in list(_DENSITY.keys())}
+        for key in list(self._hooked):
+            ref, handles = self._hooked[key]
+            if key not in wanted or ref() is not wanted[key]:
+                for handle in handles:
+                    handle.remove()
+                del self._hooked[key]
+        for key, module in wanted.items():
+            if key not in self._hooked:
+                handles = [module.register_forward_pre_hook(self._push_density),
+                           module.register_forward_hook(self._pop_density)]
+                self._hooked[key] = (weakref.ref(module), handles)
+        self._hooked_version = _DENSITY_VERSION[0]
+
+    def _push_density(self, module: nn.Module, args: Any) -> None:
+        self._density_stack.append(_DENSITY.get(module, 1.0))
+
+    def _pop_density(self, module: nn.Module, args: Any, output: Any) -> None:
+        if len(self._density_stack) > 1:
+            self._density_stack.pop()
+
+    def remove_hooks(self) -> None:
+        for _, handles in self._hooked.values():
+            for handle in handles:
+                handle.remove()
+        self._hooked.clear()
+        self._hooked_version = -1
+
+    # interception ---------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA or func in _REPLAYED:
+            grad = torch.is_grad_enabled()
+            key = (func, _signature(args), _signature(tuple(sorted(kwargs.items()))), grad)
+            count = self._cache.get(key)
+            if count is None:
+                if func is _SDPA:
+                    count = _sdpa_count(args, kwargs, grad)
+                else:
+                    count = _replay(func, args, kwargs, grad)
+                self._cache[key] = count
+            self.executed += count.total
+            self.forward_executed += count.forward
+            self.effective += count.total * self._density_stack[-1]
+        return func(*args, **kwargs)

@@ -1,0 +1,111 @@
+"""Next-token language modelling with the kit's GPT."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+
+from lit_eff.models.gpt import GPT
+from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
+
+
+class CausalLM(LightningModule):
+    """Trains :class:`~lit_eff.models.GPT` on (tokens, next tokens) batches.
+
+    Logs ``train/loss``, ``val/loss``, ``val/bpb`` (bits per token: bits per byte for the byte
+    vocabulary), ``val/ppl`` and the same for test. :meth:`generate` samples text.
+
+    Example::
+
+        model:
+          class_path: lit_eff.models.CausalLM
+          init_args: {block_size: 256, n_layer: 4, n_head: 4, n_embd: 128, lr: 3.0e-3}
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        block_size: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup: float = 0.05,
+        min_lr_factor: float = 0.1,
+    ) -> None:
+        super().__init__()
+        check_optim_args(lr, weight_decay, warmup)
+        self.save_hyperparameters()
+        self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, metric: MeanMetric, stage: str) -> None:
+        metric.update(self.loss(batch), weight=batch[1].numel())
+        self.log(f"{stage}/loss", metric, prog_bar=True)
+
+    def _eval_epoch_end(self, metric: MeanMetric, stage: str) -> None:
+        loss = metric.compute()
+        self.log(f"{stage}/bpb", loss / math.log(2), prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", torch.exp(loss))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_loss, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_loss, "test")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return adamw_warmup_cosine(self.model, self.trainer.estimated_stepping_batches, h.lr, h.weight_decay,
+                                   h.warmup, betas=(0.9, 0.95), min_lr_factor=h.min_lr_factor)
+
+    @torch.no_grad()
+    def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 50, seed: int = 0) -> str:
+        """Sample a continuation of ``prompt`` (UTF-8 bytes) and return it decoded."""
+        if max_new_tokens < 0:
+            raise ValueError(f"Expected `max_new_tokens` >= 0, got max_new_tokens={max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"Expected `temperature` > 0, got temperature={temperature}")
+        was_training = self.training
+        self.eval()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        start = list(prompt.encode("utf-8")) or [ord("\n")]
+        idx = torch.tensor([start], dtype=torch.long, device=self.device)
+        for _ in range(max_new_tokens):
+            logits = self.model(idx[:, -self.model.block_size :])[:, -1, :].float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+            idx = torch.cat([idx, nxt], dim=1)
+        self.train(was_training)
+        return bytes(idx[0, len(start) if prompt else 1 :].tolist()).decode("utf-8", errors="replace")
