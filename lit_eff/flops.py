@@ -5,13 +5,17 @@ convolutions and attention; 2 FLOPs per multiply-add; backward counted from the 
 really runs):
 
 - :func:`flop_counter` returns a ``FlopCounterMode`` that also knows the CPU fused-attention
-  kernels PyTorch's own table misses. Use it for one-off counts (:func:`count_flops`).
+  kernels PyTorch's own table misses: the reference the tests hold the tracker to.
 - :class:`FlopTracker` counts every training step cheaply. It intercepts only the few
   FLOP-bearing torch functions (``F.linear``, convolutions, matmuls, attention) at the
   ``__torch_function__`` level, counts each distinct call signature once by replaying it
   forward and backward on meta tensors under :func:`flop_counter`, and caches the result, so
   a steady-state step costs one dictionary lookup per matmul. Steps whose shapes change
-  (dropped tokens, sampled subnets) are counted from their own shapes.
+  (dropped tokens, sampled subnets) are counted from their own shapes. :func:`count_flops`
+  counts one call with it (on meta tensors too, for free).
+
+Attention is counted with PyTorch's fused-kernel formulas (the backward recomputes the
+scores), whichever kernel runs.
 
 Sparse-effective FLOPs: a technique that masks a module's weights reports the module's density
 with :func:`set_density`; FLOPs executed inside that module then count ``density`` times in
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
@@ -74,28 +79,23 @@ class FlopCount:
         return self.forward + self.backward
 
 
-def count_flops(fn: Callable[[], torch.Tensor], backward: bool = True) -> FlopCount:
-    """Count the FLOPs of ``fn()`` and, if ``backward``, of backpropagating its (summed) output.
+def count_flops(fn: Callable[[], Any], backward: bool = True) -> FlopCount:
+    """The FLOPs of running ``fn()`` and, if ``backward``, of backpropagating through it.
 
-    ``fn`` may build meta-device tensors and modules, which costs no compute::
+    Counted by :class:`FlopTracker` (the backward from the ops autograd would run), so the
+    count equals what :class:`~lit_eff.callbacks.FlopsMonitor` logs for the same shapes, and
+    ``fn`` may build meta-device modules and tensors, which costs no compute::
 
         with torch.device("meta"):
             model = GPT(n_layer=2)
             idx = torch.zeros(8, 64, dtype=torch.long)
         count_flops(lambda: model(idx)).total
     """
-    counter = flop_counter()
-    with counter:
-        out = fn()
-    forward = counter.get_total_flops()
-    backward_flops = 0
-    if backward:
-        loss = out.float().sum() if out.dim() else out
-        if loss.requires_grad:
-            with counter:  # entering the counter clears its previous counts
-                loss.backward()
-            backward_flops = counter.get_total_flops()
-    return FlopCount(forward=forward, backward=backward_flops)
+    tracker = FlopTracker()
+    with tracker:
+        fn()
+    forward = tracker.forward_executed
+    return FlopCount(forward=forward, backward=tracker.executed - forward if backward else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +162,12 @@ def _signature(value: Any) -> Any:
 
 
 def _replay(func: Any, args: tuple, kwargs: dict, grad: bool) -> FlopCount:
+    # an outer FlopCounterMode (a user's profiler, a test's reference) must not see the replay
+    with _disable_current_modes():
+        return _replay_on_meta(func, args, kwargs, grad)
+
+
+def _replay_on_meta(func: Any, args: tuple, kwargs: dict, grad: bool) -> FlopCount:
     meta_args = _meta_like(args, grad)
     meta_kwargs = {k: _meta_like(v, grad) for k, v in kwargs.items()}
     counter = flop_counter()

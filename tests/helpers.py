@@ -1,0 +1,58 @@
+"""Tiny models, data and trainers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lit_eff.datamodules import DigitsDataModule, TextDataModule
+from lit_eff.models import CausalLM, ImageClassifier
+
+TINY_VIT = {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
+            "global_pool": "avg"}
+
+
+def tiny_vit(**kwargs: Any) -> ImageClassifier:
+    return ImageClassifier("vit_tiny_patch16_224", num_classes=10, in_chans=1, model_kwargs=dict(TINY_VIT), **kwargs)
+
+
+def tiny_cnn(**kwargs: Any) -> ImageClassifier:
+    return ImageClassifier("resnet10t", num_classes=10, in_chans=1, **kwargs)
+
+
+def tiny_gpt(**kwargs: Any) -> CausalLM:
+    return CausalLM(block_size=32, n_layer=2, n_head=2, n_embd=32, **kwargs)
+
+
+def digits(**kwargs: Any) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=kwargs.pop("batch_size", 32), **kwargs)
+
+
+def text(**kwargs: Any) -> TextDataModule:
+    return TextDataModule(block_size=32, batch_size=kwargs.pop("batch_size", 8), **kwargs)
+
+
+MODELS = {"vit": (tiny_vit, digits), "cnn": (tiny_cnn, digits), "gpt": (tiny_gpt, text)}
+
+
+def make_trainer(**kwargs: Any) -> Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
+                    limit_train_batches=6, enable_checkpointing=False)
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def flat_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+def seeded(seed: int = 0) -> None:
+    seed_everything(seed, verbose=False)
