@@ -85,6 +85,12 @@ class FlopsMonitor(Callback):
     # -----------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, FlopsMonitor)]
+        if len(monitors) > 1:
+            raise ValueError(
+                f"Found {len(monitors)} FlopsMonitor callbacks in trainer.callbacks; keep one (each would count "
+                "every step, and their checkpoint states would collide)"
+            )
         self._peak = self.peak_flops
         if self._peak is None:
             from lightning.fabric.utilities.throughput import get_available_flops

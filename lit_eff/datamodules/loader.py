@@ -9,7 +9,11 @@ the batch sequence a pure function of (seed, epoch, rank, batch index):
   rank, then split between ranks (so Lightning needs no ``DistributedSampler``);
 - random augmentation of a batch draws from a generator seeded by (seed, epoch, rank, batch);
 - the state is ``{"epoch", "consumed"}``: the batches of the epoch already handed to the
-  training loop. A restored loader continues exactly after them.
+  training loop. A restored loader continues exactly after them;
+- Lightning announces each epoch through ``loader.sampler.set_epoch(epoch)`` (the protocol of
+  ``DistributedSampler``), so epochs cut short by ``limit_train_batches`` or a resume at an
+  epoch boundary start the right permutation. Outside Lightning, every ``iter()`` after the
+  first starts the next epoch.
 
 Datasets are either a tuple of tensors sharing their first dimension (indexed in one call per
 batch: the fast path for data that fits in memory) or any map-style ``Dataset`` (read by a
@@ -80,7 +84,9 @@ class ResumableLoader:
         self.epoch = 0
         self.consumed = 0
         self._started = False
-        self._restored = False
+        self._keep_position = False
+        self.sampler = _EpochSetter(self)
+        self.batch_sampler = None  # read by Lightning next to `sampler`
 
     # distribution ---------------------------------------------------------------------------
     def set_distributed(self, num_replicas: int, rank: int) -> None:
@@ -119,7 +125,14 @@ class ResumableLoader:
         self.consumed = int(state.get("consumed", 0))
         self.seed = int(state.get("seed", self.seed))
         self._started = True
-        self._restored = True
+        self._keep_position = True
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run ``epoch`` (from its start unless it is the restored epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+        self._started = True
+        self._keep_position = True
 
     # iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -127,10 +140,8 @@ class ResumableLoader:
         if not self.resumable:
             epoch, start = self.epoch, 0
         else:
-            if self._restored:
-                self._restored = False
-                if self.consumed >= len(self):
-                    self.epoch, self.consumed = self.epoch + 1, 0
+            if self._keep_position:
+                self._keep_position = False
             elif self._started:
                 self.epoch, self.consumed = self.epoch + 1, 0
             self._started = True
@@ -159,3 +170,13 @@ class ResumableLoader:
         yield from loader
 
 
+
+
+class _EpochSetter:
+    """What Lightning's ``_set_sampler_epoch`` finds at ``loader.sampler``: forwards ``set_epoch``."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)

@@ -1,0 +1,55 @@
+"""The settings table: every technique callback the kit exports gets a tiny model and arguments
+here, and the shared contract tests (test_contract.py) run each one through: a short fit,
+stop-and-resume equals uninterrupted, two-process DDP, gradient accumulation, bf16 and a YAML
+round trip through the CLI. A callback missing from the table fails the suite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor
+
+
+@dataclass
+class Setting:
+    # the technique under test, built from YAML-able kwargs
+    cls: type[Callback]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # tiny model family from tests.helpers.MODELS: "vit", "gpt" or "cnn"
+    model: str = "vit"
+    # callbacks the technique needs beside it (built fresh for every run)
+    companions: Callable[[], list[Callback]] = list
+    # technique-specific assertion after a fit: check(trainer, technique)
+    check: Callable[[Trainer, Callback], None] | None = None
+    # max_steps of the runs; resume tests stop at a mid-epoch and an end-of-epoch step
+    steps: int = 8
+
+    def build(self) -> list[Callback]:
+        return [*self.companions(), self.cls(**self.kwargs)]
+
+
+def _check_monitor(trainer: Trainer, monitor: FlopsMonitor) -> None:
+    assert monitor.steps == trainer.global_step
+    assert monitor.total_executed > 0
+    assert monitor.total_effective == monitor.total_executed
+
+
+def _check_budget(trainer: Trainer, budget: FlopsBudget) -> None:
+    # the budget stops the run at the step that reaches it, before max_steps
+    assert budget.spent() >= budget.budget
+    assert trainer.global_step < 8
+    spent_before_last = budget.spent() * (trainer.global_step - 1) / trainer.global_step
+    assert spent_before_last < budget.budget
+
+
+SETTINGS: dict[str, Setting] = {
+    "FlopsMonitor": Setting(FlopsMonitor, {}, "vit", check=_check_monitor),
+    "FlopsMonitor-gpt": Setting(FlopsMonitor, {"peak_flops": 1.0e11}, "gpt", check=_check_monitor),
+    # the tiny ViT spends ~62 MFLOPs per step at batch 32: the budget ends the run at step 5
+    "FlopsBudget": Setting(FlopsBudget, {"budget": 2.8e8}, "vit", companions=lambda: [FlopsMonitor()],
+                           check=_check_budget),
+}
