@@ -126,8 +126,13 @@ def test_yaml_round_trip_through_cli(sid, tmp_path):
     ]}}
     path = tmp_path / "technique.yaml"
     path.write_text(yaml.safe_dump(fragment))
-    base = {"vit": "vit_digits.yaml", "cnn": "cnn_digits.yaml", "gpt": "gpt_text.yaml"}[setting.model]
-    cli = LitEffCLI(args=["--config", os.path.join(CONFIGS, base), "--config", str(path)], run=False)
+    base_name = {"vit": "vit_digits.yaml", "cnn": "cnn_digits.yaml", "gpt": "gpt_text.yaml"}[setting.model]
+    base = yaml.safe_load(open(os.path.join(CONFIGS, base_name)))
+    # a base config that already holds this technique (FlopsMonitor) gets it from the fragment only
+    base["trainer"]["callbacks"] = [c for c in base["trainer"]["callbacks"]
+                                    if not c["class_path"].endswith("." + setting.cls.__name__)]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    cli = LitEffCLI(args=["--config", str(tmp_path / "base.yaml"), "--config", str(path)], run=False)
     built = [cb for cb in cli.trainer.callbacks if type(cb) is setting.cls]
     assert len(built) == 1, "the fragment must add exactly one instance"
     assert _init_args(built[0]) == _init_args(technique)
