@@ -20,7 +20,7 @@ def check_positive(name: str, value: int | float) -> None:
 
 def check_fraction(name: str, value: float, upper: float = 1.0) -> None:
     if not 0.0 <= value < upper:
-        raise ValueError(f"Expected `{name}` in [0, {upper}), got {name}={value}")
+        raise ValueError(f"Expected `{name}` in [0, {upper:g}), got {name}={value}")
 
 
 class KitDataModule(LightningDataModule):
