@@ -56,3 +56,14 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def seeded(seed: int = 0) -> None:
     seed_everything(seed, verbose=False)
+
+
+@torch.no_grad()
+def mean_val_loss(model, datamodule, loss_fn) -> float:
+    """Average loss over the validation split, computed outside any Trainer."""
+    datamodule.setup("fit")
+    was_training = model.training
+    model.eval()
+    losses = [loss_fn(model, batch).item() for batch in datamodule.val_dataloader()]
+    model.train(was_training)
+    return sum(losses) / len(losses)
