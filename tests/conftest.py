@@ -4,7 +4,8 @@ import pytest
 import torch
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models run fastest on one thread, and two-process DDP tests then use the two cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

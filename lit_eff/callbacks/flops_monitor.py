@@ -51,7 +51,13 @@ class FlopsMonitor(Callback):
     - ``flops/mfu``: model FLOPs utilisation, when the peak is known (``peak_flops`` per device,
       or Lightning's table of CUDA devices).
 
-    Runs on: ``on_train_batch_start``/``on_train_batch_end`` (counting), ``on_fit_end`` (summary).
+    Logged every ``trainer.log_every_n_steps`` optimizer steps and at the end of training,
+    straight to ``trainer.loggers`` (TensorBoard by default). ``monitor.total_executed`` and
+    ``monitor.total_effective`` hold the running totals.
+
+    Runs on: ``on_fit_start`` (wraps the module's ``training_step`` on the instance: only the
+    forward passes are intercepted), ``on_train_batch_end`` (books a finished optimizer step),
+    ``on_fit_end`` (summary; the wrapper is removed).
 
     Args:
         peak_flops: peak FLOP/s of one device, for MFU; ``None`` looks the device up.
@@ -73,14 +79,15 @@ class FlopsMonitor(Callback):
         self.total_samples = 0
         self.total_tokens = 0
         self.steps = 0
+        self.last_step_executed = 0.0
+        self.last_step_effective = 0.0
         self._last_step = -1
-        self._in_batch = False
         self._step_samples = 0
         self._step_tokens = 0
-        self._step_executed = 0.0
-        self._step_effective = 0.0
+        self._window: list[float] = [0.0, 0.0, 0.0]  # executed FLOPs, samples, tokens since the last log
         self._last_time: float | None = None
         self._peak: float | None = None
+        self._wrapped: LightningModule | None = None
 
     # -----------------------------------------------------------------------------------------
     @override
@@ -100,9 +107,29 @@ class FlopsMonitor(Callback):
                 self._peak = get_available_flops(device, _compute_dtype(str(trainer.precision)))
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # count inside training_step only: the forward passes (whose backward the tracker derives)
+        # and nothing of the optimizer step or other callbacks
+        training_step = pl_module.training_step
+        tracker = self.tracker
+
+        def counted_training_step(*args: Any, **kwargs: Any) -> Any:
+            with tracker:
+                return training_step(*args, **kwargs)
+
+        pl_module.training_step = counted_training_step  # the instance, never the class
+        self._wrapped = pl_module
+
+    def _unwrap(self) -> None:
+        if self._wrapped is not None:
+            self._wrapped.__dict__.pop("training_step", None)
+            self._wrapped = None
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
         self._last_time = time.perf_counter()
+        self.tracker.reset()
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -112,9 +139,6 @@ class FlopsMonitor(Callback):
             if not (first.is_floating_point() or first.is_complex()) and first.dim() >= 2:
                 self._step_tokens += first.numel()
         self.tracker.sync_density_hooks()
-        self.tracker.reset()
-        self.tracker.__enter__()
-        self._in_batch = True
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -122,58 +146,67 @@ class FlopsMonitor(Callback):
         self.end_batch(trainer, pl_module)
 
     def end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Close the current batch's count and, after an optimizer step, log it. Idempotent, so a
-        callback that needs the up-to-date total (:class:`FlopsBudget`) may call it first."""
-        if not self._in_batch:
-            return
-        self._in_batch = False
-        self.tracker.__exit__(None, None, None)
-        self._step_executed += self.tracker.executed
-        self._step_effective += self.tracker.effective
-        if trainer.global_step > self._last_step:
-            self._finish_step(trainer, pl_module)
-
-    def _finish_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        counts = [self._step_executed, self._step_effective, float(self._step_samples), float(self._step_tokens)]
+        """Book the FLOPs of an optimizer step that just finished. Idempotent, so a callback that
+        needs the up-to-date total (:class:`FlopsBudget`) may call it first."""
+        if trainer.global_step <= self._last_step:
+            return  # accumulating micro-batches, or already booked
+        self._last_step = trainer.global_step
+        counts = [float(self.tracker.executed), float(self.tracker.effective), float(self._step_samples),
+                  float(self._step_tokens)]
+        self.tracker.reset()
+        self._step_samples = self._step_tokens = 0
         if trainer.world_size > 1:
             summed = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64,
                                                           device=trainer.strategy.root_device), reduce_op="sum")
             counts = summed.tolist()
         executed, effective, samples, tokens = counts
-        now = time.perf_counter()
-        seconds = max(now - (self._last_time or now), 1e-9)
-        self._last_time = now
-        self._last_step = trainer.global_step
         self.steps += 1
+        self.last_step_executed, self.last_step_effective = executed, effective
         self.total_executed += executed
         self.total_effective += effective
         self.total_samples += int(samples)
         self.total_tokens += int(tokens)
+        self._window = [self._window[0] + executed, self._window[1] + samples, self._window[2] + tokens]
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer, executed, effective)
+
+    def _log(self, trainer: Trainer, executed: float, effective: float) -> None:
+        now = time.perf_counter()
+        seconds = max(now - (self._last_time or now), 1e-9)
+        self._last_time = now
+        window_flops, window_samples, window_tokens = self._window
+        self._window = [0.0, 0.0, 0.0]
         metrics = {
             "flops/step": executed,
             "flops/effective_step": effective,
             "flops/total": self.total_executed,
             "flops/effective_total": self.total_effective,
-            "flops/per_sec": executed / seconds,
-            "flops/samples_per_sec": samples / seconds,
+            "flops/per_sec": window_flops / seconds,
+            "flops/samples_per_sec": window_samples / seconds,
         }
-        if tokens:
-            metrics["flops/tokens_per_sec"] = tokens / seconds
+        if window_tokens:
+            metrics["flops/tokens_per_sec"] = window_tokens / seconds
         if self._peak:
-            metrics["flops/mfu"] = executed / seconds / (self._peak * trainer.world_size)
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
-        self._step_executed = self._step_effective = 0.0
-        self._step_samples = self._step_tokens = 0
+            metrics["flops/mfu"] = window_flops / seconds / (self._peak * trainer.world_size)
+        # straight to the loggers (rank zero), at the trainer's logging cadence: cheaper than
+        # `self.log` on every step, and the totals lose nothing by being sampled
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) and self.steps:
+            self._log(trainer, self.last_step_executed, self.last_step_effective)
+        for logger in trainer.loggers:
+            logger.save()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self._in_batch:
-            self._in_batch = False
-            self.tracker.__exit__(None, None, None)
+        self._unwrap()
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unwrap()
         rank_zero_info(
             f"lit_eff: {self.steps} optimizer steps spent {self.total_executed:.4g} training FLOPs"
             f" (sparse-effective {self.total_effective:.4g})"
@@ -181,6 +214,7 @@ class FlopsMonitor(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unwrap()
         self.tracker.remove_hooks()
 
     # state -----------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Step time of a plain PyTorch loop vs plain Lightning vs Lightning + FlopsMonitor.
+
+The reference job (configs/vit_digits.yaml: model, data, optimizer) runs the same number of
+optimizer steps in each variant, alternating variants over several rounds in one process, and
+prints the median seconds per step and the ratios.
+
+    python benchmarks/overhead.py [--steps 60] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from lit_eff.callbacks import FlopsMonitor
+from lit_eff.datamodules import DigitsDataModule
+from lit_eff.models import ImageClassifier
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_digits.yaml")
+
+
+def build():
+    config = yaml.safe_load(open(CONFIG))
+    seed_everything(0, verbose=False)
+    model = ImageClassifier(**config["model"]["init_args"])
+    data = DigitsDataModule(**config["data"]["init_args"])
+    data.setup("fit")
+    return model, data
+
+
+class Timer(Callback):
+    """Wall time from the end of the first optimizer step to the end of the last (warm-up excluded)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.start = time.perf_counter()
+        self.end, self.steps = time.perf_counter(), trainer.global_step - 1
+
+
+def plain_pytorch(steps: int) -> float:
+    model, data = build()
+    loader = data.train_dataloader()
+    from lit_eff.models.optim import adamw_warmup_cosine
+
+    h = model.hparams
+    optim = adamw_warmup_cosine(model.model, steps, h.lr, h.weight_decay, h.warmup)
+    optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    model.train()
+    step, start = 0, None
+    while step < steps:
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == 1:
+                start = time.perf_counter()
+            if step == steps:
+                break
+    return (time.perf_counter() - start) / (steps - 1)
+
+
+def lightning(steps: int, monitor: bool) -> float:
+    model, data = build()
+    timer = Timer()
+    callbacks = [FlopsMonitor(), timer] if monitor else [timer]
+    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(model, datamodule=data)
+    return (timer.end - timer.start) / timer.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    variants = {
+        "plain PyTorch": lambda: plain_pytorch(args.steps),
+        "Lightning": lambda: lightning(args.steps, monitor=False),
+        "Lightning + FlopsMonitor": lambda: lightning(args.steps, monitor=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            times[name].append(run())
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds "
+          f"(median seconds per optimizer step)")
+    for name, value in med.items():
+        print(f"  {name:26s} {value * 1e3:8.2f} ms/step   x{value / med['plain PyTorch']:.3f} of plain PyTorch")
+    print(f"FlopsMonitor overhead over Lightning: x{med['Lightning + FlopsMonitor'] / med['Lightning']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
