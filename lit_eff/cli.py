@@ -5,7 +5,8 @@
 
 Models, datamodules and callbacks are chosen by ``class_path`` (the kit's classes also by their
 short names). Technique fragments append callbacks with ``trainer.callbacks+:``. After ``fit``,
-the test split is evaluated with the final weights unless ``--test_after_fit false``.
+the test split is evaluated with the final weights unless ``--test_after_fit false``, and a
+language model prints a sample of generated text.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class LitEffCLI(LightningCLI):
         has_test = datamodule is not None and type(datamodule).test_dataloader is not LightningDataModule.test_dataloader
         if config.get("test_after_fit", True) and has_test and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=datamodule)
+        if hasattr(self.model, "generate") and self.trainer.is_global_zero:
+            print(f"\nSample from the trained model:\n{self.model.generate(max_new_tokens=200)}\n")
 
 
 def main(args: list[str] | None = None) -> None:

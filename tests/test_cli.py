@@ -77,3 +77,13 @@ def test_cifar_config_without_data_fails_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="no 'cifar-10-batches-py' folder .* Pass `data_dir`"):
         LitEffCLI(args=["--config", os.path.join(CONFIGS, "vit_cifar10.yaml"), "--data.init_args.data_dir",
                         str(tmp_path / "nothing")], run=False)
+
+
+def test_language_job_tests_and_prints_a_sample(capsys):
+    main(["fit", "--config", os.path.join(CONFIGS, "gpt_text.yaml"), "--trainer.max_steps", "3",
+          "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+          "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    assert "test/bpb" in out
+    sample = out.split("Sample from the trained model:\n", 1)[1]
+    assert len(sample.strip()) > 20
