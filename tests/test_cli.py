@@ -14,10 +14,10 @@ FAST = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--tr
         "--trainer.enable_progress_bar", "false"]
 
 
-def scalars(run_dir):
+def scalars(run_dir, steps=False):
     acc = EventAccumulator(run_dir)
     acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [e.step if steps else e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_main_job_logs_flops_loss_accuracy_and_tests(capsys, caplog):
@@ -30,6 +30,9 @@ def test_main_job_logs_flops_loss_accuracy_and_tests(capsys, caplog):
     assert totals == sorted(totals) and totals[-1] > 0
     steps = logged["flops/step"]
     assert totals[-1] == pytest.approx(sum(steps), rel=1e-5)  # log_every_n_steps=1: every step logged
+    # FLOPs are labelled with Lightning's step convention: each train/loss has its flops/total
+    labels = scalars(runs[0], steps=True)
+    assert labels["flops/total"] == labels["train/loss"] == list(range(8))
     saved = yaml.safe_load(open(os.path.join(runs[0], "config.yaml")))
     assert saved["model"]["class_path"] == "lit_eff.models.ImageClassifier"
     assert "training FLOPs" in caplog.text  # the FLOPs summary at the end of fit

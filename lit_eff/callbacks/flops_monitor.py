@@ -189,9 +189,11 @@ class FlopsMonitor(Callback):
         if self._peak:
             metrics["flops/mfu"] = window_flops / seconds / (self._peak * trainer.world_size)
         # straight to the loggers (rank zero), at the trainer's logging cadence: cheaper than
-        # `self.log` on every step, and the totals lose nothing by being sampled
+        # `self.log` on every step, and the totals lose nothing by being sampled. The step label
+        # is Lightning's own for the metrics of this optimizer step (steps completed before it),
+        # so `flops/total` at step s is what was spent when `train/loss` or `val/acc` at s were logged.
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

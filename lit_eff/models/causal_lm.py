@@ -58,7 +58,7 @@ class CausalLM(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         return loss
 
     def _eval_step(self, batch, metric: MeanMetric, stage: str) -> None:

@@ -72,15 +72,15 @@ class ImageClassifier(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images).float(), labels, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         return loss
 
     def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         images, labels = batch
         logits = self(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val")
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", batch_size=len(labels))
         metric.update(logits, labels)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(labels))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_acc, "val")
