@@ -7,9 +7,15 @@ Models, datamodules and callbacks are chosen by ``class_path`` (the kit's classe
 short names). Technique fragments append callbacks with ``trainer.callbacks+:``. After ``fit``,
 the test split is evaluated with the final weights unless ``--test_after_fit false``, and a
 language model prints a sample of generated text.
+
+``lit-eff report ...`` and ``lit-eff sweep ...`` compare runs at equal FLOPs; see
+:mod:`lit_eff.report` and :mod:`lit_eff.sweep`.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -42,6 +48,9 @@ class LitEffCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("report", "sweep"):  # argparse tools, not LightningCLI subcommands
+        return importlib.import_module(f"lit_eff.{argv[0]}").cli(argv[1:])
     LitEffCLI(args=args)
 
 

@@ -202,24 +202,23 @@ def _table(runs: list[Run], metric: str, flops: str, equal: float) -> tuple[str,
 
 def _plot(runs: list[Run], metric: str, flops: str, equal: float, path: str) -> None:
     import matplotlib
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colors = matplotlib.colormaps["tab10"]
-    labelled: list[str] = []
+    order = list(dict.fromkeys(run.variant for run in runs))  # one colour per variant
+    labelled: set[str] = set()
     for run in runs:
         if not run.points:
             continue
-        if run.variant not in labelled:
-            labelled.append(run.variant)
-            label = run.variant
-        else:
-            label = "_nolegend_"
+        label = "_nolegend_" if run.variant in labelled else run.variant
+        labelled.add(run.variant)
         xs, ys = zip(*run.points)
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, alpha=0.85,
-                color=colors((len(labelled) - 1) % 10 if label != "_nolegend_" else labelled.index(run.variant) % 10),
-                label=label)
+                color=colors(order.index(run.variant) % 10), label=label)
     ax.axvline(equal, color="gray", linestyle="--", linewidth=1, label="equal FLOPs")
     ax.set_xlabel(f"training FLOPs ({flops})")
     ax.set_ylabel(metric)

@@ -12,6 +12,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 
 from lit_eff.callbacks import FlopsBudget, FlopsMonitor
+from lit_eff.flops import count_flops
 
 
 @dataclass
@@ -34,7 +35,11 @@ class Setting:
 
 def _check_monitor(trainer: Trainer, monitor: FlopsMonitor) -> None:
     assert monitor.steps == trainer.global_step
-    assert monitor.total_executed > 0
+    # an optimizer step spends the FLOPs of its micro-batches: count one independently
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    micro_batch = count_flops(lambda: trainer.lightning_module(batch[0])).total
+    assert monitor.last_step_executed == micro_batch * trainer.accumulate_grad_batches
+    assert monitor.total_executed == monitor.steps * monitor.last_step_executed
     assert monitor.total_effective == monitor.total_executed
 
 

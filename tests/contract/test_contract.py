@@ -42,10 +42,15 @@ def test_every_exported_callback_has_a_setting():
     assert not missing, f"add these callbacks to tests/contract/settings.py: {missing}"
 
 
+VARIANTS = {"plain": {}, "accumulate_2": {"accumulate_grad_batches": 2}, "bf16_mixed": {"precision": "bf16-mixed"}}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("sid", IDS)
-def test_short_fit(sid):
+def test_short_fit(sid, variant):
+    """A short fit, also with gradient accumulation and with bf16 autocast on CPU."""
     setting = SETTINGS[sid]
-    trainer, model, technique = fit(setting)
+    trainer, model, technique = fit(setting, **VARIANTS[variant])
     assert trainer.global_step > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if setting.check:
@@ -94,26 +99,6 @@ def test_ddp_two_processes(sid, tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     assert max_abs_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
     assert ranks[0]["techniques"] == ranks[1]["techniques"]
-
-
-@pytest.mark.parametrize("sid", IDS)
-def test_gradient_accumulation(sid):
-    setting = SETTINGS[sid]
-    trainer, model, technique = fit(setting, accumulate_grad_batches=2)
-    assert trainer.global_step > 0
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    if setting.check:
-        setting.check(trainer, technique)
-
-
-@pytest.mark.parametrize("sid", IDS)
-def test_bf16_mixed(sid):
-    setting = SETTINGS[sid]
-    trainer, model, technique = fit(setting, precision="bf16-mixed")
-    assert trainer.global_step > 0
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    if setting.check:
-        setting.check(trainer, technique)
 
 
 @pytest.mark.parametrize("sid", IDS)
