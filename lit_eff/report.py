@@ -88,7 +88,8 @@ def find_runs(paths: list[str]) -> list[str]:
     return list(runs)
 
 
-def _scalars(run_dir: str) -> tuple[dict, float | None]:
+def read_scalars(run_dir: str) -> tuple[dict, float | None]:
+    """Every scalar event of a run folder by tag, and the wall time of its first event."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every point
@@ -145,9 +146,9 @@ def load_runs(run_dirs: list[str], metric: str, flops: str = "executed") -> list
         raise ValueError(f"Expected `flops` in {tuple(FLOPS_TAGS)}, got flops={flops!r}")
     tag = FLOPS_TAGS[flops]
     paths = find_runs(run_dirs)
-    loaded = [_scalars(path) for path in paths]
+    loaded = [read_scalars(path) for path in paths]
     names = _names(paths)
-    missing = [f"{name} ({path})" for (name, _), path, (scalars, _) in zip(names, paths, loaded) if tag not in scalars]
+    missing = [path for path, (scalars, _) in zip(paths, loaded) if tag not in scalars]
     if missing:
         raise ValueError(f"Runs without {tag} scalars: {', '.join(missing)}. Add "
                          "`- class_path: lit_eff.callbacks.FlopsMonitor` to their trainer.callbacks (a run that "
