@@ -51,7 +51,8 @@ class FlopsMonitor(Callback):
     - ``flops/mfu``: model FLOPs utilisation, when the peak is known (``peak_flops`` per device,
       or Lightning's table of CUDA devices).
 
-    Logged every ``trainer.log_every_n_steps`` optimizer steps and at the end of training,
+    Logged every ``trainer.log_every_n_steps`` optimizer steps, at every validation (the totals,
+    so validation metrics line up with exact FLOPs) and at the end of training,
     straight to ``trainer.loggers`` (TensorBoard by default). ``monitor.total_executed`` and
     ``monitor.total_effective`` hold the running totals.
 
@@ -88,6 +89,7 @@ class FlopsMonitor(Callback):
         self._last_time: float | None = None
         self._peak: float | None = None
         self._wrapped: LightningModule | None = None
+        self._logged_step = -1
 
     # -----------------------------------------------------------------------------------------
     @override
@@ -192,12 +194,23 @@ class FlopsMonitor(Callback):
         # `self.log` on every step, and the totals lose nothing by being sampled. The step label
         # is Lightning's own for the metrics of this optimizer step (steps completed before it),
         # so `flops/total` at step s is what was spent when `train/loss` or `val/acc` at s were logged.
+        self._logged_step = trainer.global_step - 1
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step - 1)
+            logger.log_metrics(metrics, step=self._logged_step)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # validation metrics get the exact FLOPs spent before them, whatever the logging cadence
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self.steps and \
+                self._logged_step != trainer.global_step - 1:
+            self._logged_step = trainer.global_step - 1
+            totals = {"flops/total": self.total_executed, "flops/effective_total": self.total_effective}
+            for logger in trainer.loggers:
+                logger.log_metrics(totals, step=trainer.global_step - 1)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step % max(1, trainer.log_every_n_steps) and self.steps:
+        if self._logged_step != trainer.global_step - 1 and self.steps:
             self._log(trainer, self.last_step_executed, self.last_step_effective)
         for logger in trainer.loggers:
             logger.save()
