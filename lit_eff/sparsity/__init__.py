@@ -1,0 +1,68 @@
+"""Functional sparsity: masks, the masking mechanism and target selection.
+
+- :mod:`~lit_eff.sparsity.masks`: which weights to keep (N:M, magnitude, random; ERK and
+  uniform layer densities).
+- :mod:`~lit_eff.sparsity.parametrize`: ``module.weight`` read as ``W ⊙ (E + β(1−E))`` in
+  forward, with straight-through gradients; :func:`export` leaves a plain model.
+- :mod:`~lit_eff.sparsity.targets`: which layers, by kind and name globs.
+
+>>> from lit_eff.models import GPT
+>>> from lit_eff import sparsity
+>>> model = GPT(n_layer=1)
+>>> for name, layer in sparsity.find_targets(model).items():
+...     _ = sparsity.attach_mask(layer, mask=sparsity.nm_mask(layer.weight, 2, 4), density=0.5)
+>>> loss = model(torch.zeros(1, 8, dtype=torch.long)).sum()   # 2:4-masked weights in forward
+>>> _ = sparsity.export(model)                                  # plain GPT with 2:4 zeros
+"""
+
+from lit_eff.sparsity.masks import (
+    erk_densities,
+    global_magnitude_masks,
+    magnitude_mask,
+    nm_mask,
+    random_mask,
+    uniform_densities,
+    validate_density,
+    validate_nm,
+    validate_sparsity,
+)
+from lit_eff.sparsity.parametrize import (
+    Mask,
+    attach_mask,
+    export,
+    get_mask,
+    get_parametrization,
+    harden_state_dict,
+    has_mask,
+    masked_modules,
+    remove_mask,
+    set_beta,
+    set_mask,
+)
+from lit_eff.sparsity.targets import DEFAULT_INCLUDE, LAYER_KINDS, find_targets
+
+__all__ = [
+    "DEFAULT_INCLUDE",
+    "LAYER_KINDS",
+    "Mask",
+    "attach_mask",
+    "erk_densities",
+    "export",
+    "find_targets",
+    "get_mask",
+    "get_parametrization",
+    "global_magnitude_masks",
+    "harden_state_dict",
+    "has_mask",
+    "magnitude_mask",
+    "masked_modules",
+    "nm_mask",
+    "random_mask",
+    "remove_mask",
+    "set_beta",
+    "set_mask",
+    "uniform_densities",
+    "validate_density",
+    "validate_nm",
+    "validate_sparsity",
+]

@@ -1,0 +1,257 @@
+"""Functional masks: which weights to keep, as boolean tensors (``True`` = kept).
+
+Nothing here touches a module; :mod:`lit_eff.sparsity.parametrize` applies the masks.
+
+- :func:`nm_mask` keeps the ``n`` largest ``|w|`` of every ``m`` consecutive weights along the
+  input dimension (SR-STE's layout: a convolution's groups run along input channels).
+- :func:`magnitude_mask` and :func:`global_magnitude_masks` prune exactly
+  ``round(sparsity * numel)`` weights of smallest magnitude, per layer or with one threshold
+  across layers; :func:`random_mask` keeps exactly ``round(density * numel)`` at random.
+- :func:`erk_densities` and :func:`uniform_densities` distribute an overall density over layers.
+
+Ties are broken by position, the same way everywhere: among equal magnitudes the weight with
+the lower index is kept, so every process computing a mask from the same weights gets the same
+mask::
+
+    >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
+    >>> nm_mask(w, 2, 4)
+    tensor([[False,  True,  True, False]])
+    >>> magnitude_mask(w, 0.25)
+    tensor([[False,  True,  True,  True]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "erk_densities",
+    "global_magnitude_masks",
+    "magnitude_mask",
+    "nm_mask",
+    "random_mask",
+    "uniform_densities",
+    "validate_density",
+    "validate_nm",
+    "validate_sparsity",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (shared with the callbacks, so every entry point words errors the same way)
+# ---------------------------------------------------------------------------------------------
+def validate_nm(n: int, m: int) -> None:
+    """Raise ``ValueError`` unless ``0 < n < m`` are integers."""
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"Expected `{name}` to be an integer, got {name}={value!r}")
+    if n <= 0:
+        raise ValueError(f"Expected `n` > 0, got n={n}")
+    if n >= m:
+        raise ValueError(f"Expected `n` < `m`, got n={n}, m={m}")
+
+
+def validate_sparsity(sparsity: float, name: str = "sparsity") -> None:
+    """Raise ``ValueError`` unless ``sparsity`` is in [0, 1)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"Expected `{name}` in [0, 1), got {name}={sparsity}")
+
+
+def validate_density(density: float, name: str = "density") -> None:
+    """Raise ``ValueError`` unless ``density`` is in (0, 1]."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"Expected `{name}` in (0, 1], got {name}={density}")
+
+
+def _input_last(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` viewed as ``[out, *kernel, in]`` (a Linear's ``[out, in]`` is unchanged)."""
+    if weight.ndim < 2:
+        raise ValueError("Expected a weight with at least 2 dimensions [out, in, ...], "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.ndim == 2:
+        return weight
+    return weight.movedim(1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# N:M
+# ---------------------------------------------------------------------------------------------
+def _rank_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the ``n`` largest of each row of ``scores`` [G, m] by pairwise comparison.
+
+    The rank of column i counts the columns that beat it: larger, or equal and to its left.
+    ``m * (m - 1)`` elementwise comparisons on [G] vectors; fastest for small ``m``.
+    """
+    m = scores.shape[1]
+    cols = scores.unbind(1)
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    rank = torch.empty(scores.shape[0], dtype=torch.uint8, device=scores.device)
+    for i in range(m):
+        rank.zero_()
+        for j in range(m):
+            if j < i:
+                rank += cols[j] >= cols[i]
+            elif j > i:
+                rank += cols[j] > cols[i]
+        torch.lt(rank, n, out=keep[:, i])
+    return keep
+
+
+def _topk_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the ``n`` largest of each row of ``scores`` [G, m] with ``topk``.
+
+    The kept set is unique unless the n-th and (n+1)-th largest are equal; only those rows
+    are redone with a stable sort, so ties go to the lower index as in :func:`_rank_keep`.
+    """
+    values, index = scores.topk(n + 1, dim=1)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(1, index[:, :n], True)
+    tied = (values[:, n - 1] == values[:, n]).nonzero().squeeze(1)
+    if tied.numel():
+        order = scores[tied].sort(dim=1, descending=True, stable=True).indices[:, :n]
+        fixed = torch.zeros((tied.numel(), scores.shape[1]), dtype=torch.bool, device=scores.device)
+        keep[tied] = fixed.scatter_(1, order, True)
+    return keep
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, name: str | None = None) -> torch.Tensor:
+    """The N:M mask of ``weight``: ``n`` kept out of every ``m`` consecutive input weights.
+
+    A Linear weight ``[out, in]`` is grouped along ``in``; a convolution weight
+    ``[out, in, *kernel]`` is grouped along ``in`` at each kernel position (it is permuted to
+    ``[out, *kernel, in]`` first, as SR-STE does). The mask has ``weight``'s shape and layout.
+    ``name`` (a layer name) only makes error messages clearer.
+
+    >>> nm_mask(torch.tensor([[4.0, -1.0, 0.5, 3.0, 1.0, 1.0, 1.0, 1.0]]), 1, 4)
+    tensor([[ True, False, False, False,  True, False, False, False]])
+    """
+    validate_nm(n, m)
+    view = _input_last(weight.detach())
+    inputs = view.shape[-1]
+    if inputs % m:
+        what = f"layer `{name}` (weight shape {tuple(weight.shape)})" if name else \
+            f"a weight with shape {tuple(weight.shape)}"
+        raise ValueError(f"Expected `m` to divide the input size of {what}, got m={m} for {inputs} inputs")
+    scores = view.abs().reshape(-1, m)
+    keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
+    keep = keep.reshape(view.shape)
+    return keep if weight.ndim == 2 else keep.movedim(-1, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# unstructured
+# ---------------------------------------------------------------------------------------------
+def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A flat mask pruning exactly the ``k`` smallest of the flat ``scores`` (ties: the higher
+    index is pruned first, so the lower index is kept)."""
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return keep
+    if k >= scores.numel():
+        return keep.zero_()
+    threshold = scores.kthvalue(k).values
+    below = scores < threshold
+    at = scores == threshold
+    need = k - int(below.sum())
+    # among the positions at the threshold, prune the last `need` ones
+    from_end = at.flip(0).cumsum(0).flip(0)
+    keep &= ~(below | (at & (from_end <= need)))
+    return keep
+
+
+def _magnitudes(weight: torch.Tensor) -> torch.Tensor:
+    """Flat ``|w|`` in a dtype every device's ``kthvalue`` supports."""
+    scores = weight.detach().abs().flatten()
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune exactly ``round(sparsity * weight.numel())`` weights of smallest ``|w|``.
+
+    >>> magnitude_mask(torch.tensor([3.0, -1.0, 2.0, 0.0]), 0.5)
+    tensor([ True, False,  True, False])
+    """
+    validate_sparsity(sparsity)
+    k = round(sparsity * weight.numel())
+    return _prune_smallest(_magnitudes(weight), k).reshape(weight.shape)
+
+
+def global_magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Masks for several layers with one magnitude threshold across all of them.
+
+    Exactly ``round(sparsity * total)`` weights are pruned in all (``total`` = the weights'
+    summed size), the smallest ``|w|`` wherever they are; layers then differ in sparsity.
+
+    >>> masks = global_magnitude_masks({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 4.0])}, 0.5)
+    >>> masks["a"], masks["b"]
+    (tensor([False, False]), tensor([True, True]))
+    """
+    validate_sparsity(sparsity)
+    if not weights:
+        raise ValueError("Expected at least one weight in `weights`, got none")
+    flat = [_magnitudes(w).float() for w in weights.values()]
+    scores = torch.cat(flat)
+    keep = _prune_smallest(scores, round(sparsity * scores.numel()))
+    parts = keep.split([f.numel() for f in flat])
+    return {name: part.reshape(w.shape) for (name, w), part in zip(weights.items(), parts)}
+
+
+def random_mask(shape: Sequence[int] | torch.Size, density: float, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """A mask keeping exactly ``round(density * numel)`` positions chosen at random.
+
+    Pass a generator from :func:`lit_eff.seeding.generator` so that every process draws the same
+    mask; it is created on the generator's device unless ``device`` says otherwise.
+
+    >>> random_mask((4, 8), 0.25, torch.Generator().manual_seed(0)).sum()
+    tensor(8)
+    """
+    validate_density(density)
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    scores = torch.rand(tuple(shape), generator=generator, device=device)
+    k = scores.numel() - round(density * scores.numel())
+    return _prune_smallest(scores.flatten(), k).reshape(scores.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributing a density over layers
+# ---------------------------------------------------------------------------------------------
+def uniform_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
+    """Every layer at ``density``."""
+    validate_density(density)
+    return {name: float(density) for name in shapes}
+
+
+def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
+    """Erdős–Rényi-Kernel densities (RigL): ``density_l = eps * sum(shape_l) / prod(shape_l)``.
+
+    ``eps`` is solved so that the weight-count-weighted mean density equals ``density``; a layer
+    whose density would exceed 1 is made dense and ``eps`` is solved again for the others.
+
+    >>> d = erk_densities({"small": (8, 8), "big": (256, 256)}, 0.1)
+    >>> round((d["small"] * 64 + d["big"] * 65536) / (64 + 65536), 6)
+    0.1
+    """
+    validate_density(density)
+    if not shapes:
+        raise ValueError("Expected at least one layer shape in `shapes`, got none")
+    if density == 1.0:
+        return {name: 1.0 for name in shapes}
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    budget = density * sum(sizes.values())  # nonzero weights to distribute
+    dense: set[str] = set()
+    while True:
+        free = [name for name in shapes if name not in dense]
+        if not free:
+            break
+        eps = (budget - sum(sizes[name] for name in dense)) / sum(raw[name] * sizes[name] for name in free)
+        too_dense = {name for name in free if eps * raw[name] > 1.0}
+        if not too_dense:
+            break
+        dense |= too_dense
+    return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
