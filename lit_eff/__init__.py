@@ -1,6 +1,6 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
-from lit_eff import flops, schedules, seeding
+from lit_eff import flops, schedules, seeding, sparsity
 from lit_eff.callbacks import FlopsBudget, FlopsMonitor
 from lit_eff.datamodules import (
     CIFAR10DataModule,
@@ -29,4 +29,5 @@ __all__ = [
     "flops",
     "schedules",
     "seeding",
+    "sparsity",
 ]
