@@ -2,5 +2,6 @@
 
 from lit_eff.callbacks.flops_budget import FlopsBudget
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
+from lit_eff.callbacks.nm_sparsity import NMSparsity
 
-__all__ = ["FlopsBudget", "FlopsMonitor"]
+__all__ = ["FlopsBudget", "FlopsMonitor", "NMSparsity"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor, NMSparsity
 from lit_eff.flops import count_flops
 
 
@@ -58,3 +58,32 @@ SETTINGS: dict[str, Setting] = {
     "FlopsBudget": Setting(FlopsBudget, {"budget": 2.8e8}, "vit", companions=lambda: [FlopsMonitor()],
                            check=_check_budget),
 }
+
+
+def _check_nm(trainer: Trainer, technique: NMSparsity) -> None:
+    """Every targeted layer's effective weight (what forward uses) is exactly N:M at the end."""
+    import torch
+
+    from lit_eff import sparsity
+
+    assert technique.targets
+    n, m = technique.frame(trainer.global_step)
+    assert technique.beta(trainer.global_step) == 0.0
+    for name, module in technique.targets.items():
+        assert float(sparsity.get_parametrization(module).beta) == 0.0, name
+        dense = module.parametrizations.weight.original
+        assert torch.equal(sparsity.get_mask(module), sparsity.nm_mask(dense, n, m)), name
+        nonzeros = (module.weight.detach() != 0).reshape(-1, m).sum(dim=1)
+        assert (nonzeros == n).all(), name
+
+
+SETTINGS.update({
+    # SR-STE 2:4 on the ViT: 2 dense steps, 4 masked, 2 fine-tune steps
+    "NMSparsity-srste": Setting(NMSparsity, {"n": 2, "m": 4, "method": "srste", "dense_steps": 2,
+                                             "finetune_steps": 2}, "vit", check=_check_nm),
+    # progressive gradient flow on the GPT: 1 dense step, frames 3:4 -> 2:4 -> 1:4 with beta = exp(-0.5 t)
+    # over steps 1-5, then 1:4 binary fine-tune for steps 6-7
+    "NMSparsity-pgf": Setting(NMSparsity, {"n": 1, "m": 4, "method": "mask_decay", "decay": "exp",
+                                           "decay_rate": 0.5, "structure_decay": "stepwise", "dense_steps": 1,
+                                           "finetune_steps": 2}, "gpt", check=_check_nm),
+})
