@@ -138,6 +138,8 @@ _REPLAYED: set[Any] = {
     torch.einsum, *_TENSOR_METHODS,
 }
 _SDPA = F.scaled_dot_product_attention
+_COUNTED = frozenset(_REPLAYED | {_SDPA})
+_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def _meta_like(value: Any, grad: bool) -> Any:
@@ -153,7 +155,7 @@ def _meta_like(value: Any, grad: bool) -> Any:
 
 def _signature(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.requires_grad)
+        return (value.shape, value.requires_grad)
     if isinstance(value, (list, tuple)):
         return tuple(_signature(v) for v in value)
     if isinstance(value, (int, float, bool, str, type(None))):
@@ -250,10 +252,15 @@ class FlopTracker(TorchFunctionMode):
 
     # interception ---------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA or func in _REPLAYED:
+        if kwargs is None:
+            kwargs = {}
+        if func in _COUNTED:
             grad = torch.is_grad_enabled()
-            key = (func, _signature(args), _signature(tuple(sorted(kwargs.items()))), grad)
+            # the fast path: flat tensor arguments (F.linear, convolutions, matmuls, attention)
+            key = (func, grad, *[(a.shape, a.requires_grad) if type(a) in _TENSOR_TYPES else _signature(a)
+                                 for a in args])
+            if kwargs:
+                key = (key, _signature(tuple(sorted(kwargs.items()))))
             count = self._cache.get(key)
             if count is None:
                 if func is _SDPA:

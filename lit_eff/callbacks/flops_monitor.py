@@ -56,9 +56,14 @@ class FlopsMonitor(Callback):
     straight to ``trainer.loggers`` (TensorBoard by default). ``monitor.total_executed`` and
     ``monitor.total_effective`` hold the running totals.
 
-    Runs on: ``on_fit_start`` (wraps the module's ``training_step`` on the instance: only the
-    forward passes are intercepted), ``on_train_batch_end`` (books a finished optimizer step),
-    ``on_fit_end`` (summary; the wrapper is removed).
+    What is counted: the FLOP-bearing calls made inside the LightningModule's forward and inside
+    its direct submodules' forward calls during training batches (the model, a teacher, a
+    router...), with their backward. A matmul written directly in ``training_step`` on the
+    module's own tensors, outside any module call, is not seen.
+
+    Runs on: ``on_fit_start`` (forward hooks on the module and its direct children, on the
+    instance), ``on_train_batch_start``/``on_train_batch_end`` (a training batch is being
+    counted; books a finished optimizer step), ``on_fit_end`` (summary; hooks removed).
 
     Args:
         peak_flops: peak FLOP/s of one device, for MFU; ``None`` looks the device up.
@@ -88,7 +93,9 @@ class FlopsMonitor(Callback):
         self._window: list[float] = [0.0, 0.0, 0.0]  # executed FLOPs, samples, tokens since the last log
         self._last_time: float | None = None
         self._peak: float | None = None
-        self._wrapped: LightningModule | None = None
+        self._handles: list = []
+        self._counting = False  # inside a training batch
+        self._depth = 0  # nesting of hooked module calls
         self._logged_step = -1
 
     # -----------------------------------------------------------------------------------------
@@ -110,22 +117,30 @@ class FlopsMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # count inside training_step only: the forward passes (whose backward the tracker derives)
-        # and nothing of the optimizer step or other callbacks
-        training_step = pl_module.training_step
-        tracker = self.tracker
+        # Intercept only inside the LightningModule's modules (its submodules' forward calls, and
+        # its own forward through ``self(...)``): the model's compute, not Lightning's logging,
+        # the loss bookkeeping or the optimizer step. Hooks sit on the instance's direct children.
+        self._handles = []
+        for module in [pl_module, *pl_module.children()]:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
 
-        def counted_training_step(*args: Any, **kwargs: Any) -> Any:
-            with tracker:
-                return training_step(*args, **kwargs)
+    def _enter(self, module: Any, args: Any) -> None:
+        if self._counting:
+            if self._depth == 0:
+                self.tracker.__enter__()
+            self._depth += 1
 
-        pl_module.training_step = counted_training_step  # the instance, never the class
-        self._wrapped = pl_module
+    def _exit(self, module: Any, args: Any, output: Any) -> None:
+        if self._depth:
+            self._depth -= 1
+            if self._depth == 0:
+                self.tracker.__exit__(None, None, None)
 
     def _unwrap(self) -> None:
-        if self._wrapped is not None:
-            self._wrapped.__dict__.pop("training_step", None)
-            self._wrapped = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -141,10 +156,12 @@ class FlopsMonitor(Callback):
             if not (first.is_floating_point() or first.is_complex()) and first.dim() >= 2:
                 self._step_tokens += first.numel()
         self.tracker.sync_density_hooks()
+        self._counting = True
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._counting = False
         self.end_batch(trainer, pl_module)
 
     def end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
