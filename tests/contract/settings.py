@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor, NMSparsity
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor, NMSparsity, SparsityMonitor
 from lit_eff.flops import count_flops
 
 
@@ -87,3 +87,28 @@ SETTINGS.update({
                                            "decay_rate": 0.5, "structure_decay": "stepwise", "dense_steps": 1,
                                            "finetune_steps": 2}, "gpt", check=_check_nm),
 })
+
+
+def _check_sparsity_monitor(trainer: Trainer, monitor: SparsityMonitor) -> None:
+    """The logged numbers are those of the model's masks and weights at the last logged step."""
+    import torch
+
+    from lit_eff import sparsity
+
+    layers = sparsity.masked_modules(trainer.lightning_module)
+    assert layers and trainer.global_step % monitor.log_every_n_steps == 0
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    pruned = sum(int((~sparsity.get_mask(m)).sum()) for m in layers.values())
+    total = sum(m.weight.numel() for m in layers.values())
+    assert monitor.last["sparsity/global"] == zeros / total
+    assert monitor.last["sparsity/mask_global"] == pruned / total == 0.5  # 2:4 after the fine-tune switch
+    assert 0.0 <= monitor.last["sparsity/flip_rate"] <= 1.0
+    assert set(monitor.last) >= {f"sparsity/layers/{name}" for name in layers}
+    assert isinstance(monitor.state_dict()["previous"][next(iter(layers))], torch.Tensor)
+
+
+SETTINGS["SparsityMonitor"] = Setting(
+    SparsityMonitor, {"log_every_n_steps": 2, "image_every_n_steps": 4}, "vit",
+    companions=lambda: [NMSparsity(n=2, m=4, method="srste", dense_steps=1, finetune_steps=2)],
+    check=_check_sparsity_monitor,
+)
