@@ -1,7 +1,7 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
 from lit_eff import flops, schedules, seeding, sparsity
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor, NMSparsity
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity
 from lit_eff.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -24,6 +24,7 @@ __all__ = [
     "GPT",
     "ImageClassifier",
     "ImageFolderDataModule",
+    "MagnitudePruning",
     "NMSparsity",
     "SyntheticImageDataModule",
     "TextDataModule",

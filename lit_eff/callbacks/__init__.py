@@ -2,7 +2,8 @@
 
 from lit_eff.callbacks.flops_budget import FlopsBudget
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
+from lit_eff.callbacks.magnitude_pruning import MagnitudePruning
 from lit_eff.callbacks.nm_sparsity import NMSparsity
 from lit_eff.callbacks.sparsity_monitor import SparsityMonitor
 
-__all__ = ["FlopsBudget", "FlopsMonitor", "NMSparsity", "SparsityMonitor"]
+__all__ = ["FlopsBudget", "FlopsMonitor", "MagnitudePruning", "NMSparsity", "SparsityMonitor"]

@@ -11,6 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
+from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.sparsity.masks import validate_nm
 
 _METHODS = ("ste", "srste", "mask_decay")
@@ -209,7 +210,6 @@ class NMSparsity(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         targets = sparsity.find_targets(pl_module, include=self.include, exclude=self.exclude)
-        me = self._describe_in(trainer, self)
         ms = sorted({m for _, m in self.frames()} | {self.m})
         for name, module in targets.items():
             inputs = module.weight.shape[1]  # groups run along input features / channels
@@ -219,12 +219,7 @@ class NMSparsity(Callback):
                     raise ValueError(f"Expected `m` to divide the input size of layer `{name}` (weight shape "
                                      f"{tuple(module.weight.shape)}), got m={m}{frame} for {inputs} inputs; "
                                      f"exclude it (exclude=[{name!r}]) or choose another `m`")
-            if sparsity.has_mask(module) and self.targets.get(name) is not module:
-                owner = next((cb for cb in trainer.callbacks if cb is not self
-                              and module in getattr(cb, "targets", {}).values()), None)
-                by = self._describe_in(trainer, owner) if owner is not None else "another technique (or an earlier run)"
-                raise ValueError(f"`{name}.weight` is already masked by {by}; {me} cannot mask it too: a weight "
-                                 f"takes one sparsity technique. Exclude it from one of them (exclude=[{name!r}])")
+            refuse_masked(trainer, self, {name: module}, self.targets)
         for name, module in targets.items():
             if not sparsity.has_mask(module):
                 sparsity.attach_mask(module, density=1.0)  # dense until the first step is set up
@@ -233,12 +228,6 @@ class NMSparsity(Callback):
             self._total = trainer.max_steps
         if self._total is not None:
             self._check_phases(self.dense_steps, self.finetune_steps, self._total)
-
-    @staticmethod
-    def _describe_in(trainer: Trainer, callback: Callback) -> str:
-        index = next((i for i, cb in enumerate(trainer.callbacks) if cb is callback), None)
-        where = f" (trainer.callbacks[{index}])" if index is not None else ""
-        return f"{type(callback).__name__}{where}"
 
     def _resolve_total(self, trainer: Trainer) -> None:
         if self._total is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor, NMSparsity, SparsityMonitor
+from lit_eff.callbacks import FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, SparsityMonitor
 from lit_eff.flops import count_flops
 
 
@@ -112,3 +112,47 @@ SETTINGS["SparsityMonitor"] = Setting(
     companions=lambda: [NMSparsity(n=2, m=4, method="srste", dense_steps=1, finetune_steps=2)],
     check=_check_sparsity_monitor,
 )
+
+
+def _check_gmp(trainer: Trainer, technique: Callback) -> None:
+    """Zeros of the dense weights equal the polynomial formula at the last update step, exactly;
+    pruned dense weights and their optimizer state are 0."""
+    import math
+
+    import torch
+
+    from lit_eff import sparsity
+
+    t0, end, every, p = technique.start_step, technique.end_step, technique.update_every, technique.power
+    s_i, s_f, step = technique.initial_sparsity, technique.final_sparsity, trainer.global_step
+    last = end if step >= end else t0 + (step - t0) // every * every
+    s = s_f if last >= end else s_f + (s_i - s_f) * (1 - (last - t0) / (end - t0)) ** p
+    weights = {name: module.parametrizations.weight.original for name, module in technique.targets.items()}
+    zeros = {name: int((w == 0).sum()) for name, w in weights.items()}
+    if technique.scope == "layer":
+        assert all(zeros[name] == round(s * w.numel()) for name, w in weights.items()), (s, zeros)
+    else:
+        total = sum(w.numel() for w in weights.values())
+        assert sum(zeros.values()) == round(s * total), (s, zeros)
+        assert len(set(zeros.values())) > 1  # one threshold: layers differ
+    assert math.isclose(technique.target(step), s)
+    states = [o.state for o in trainer.optimizers]
+    for name, module in technique.targets.items():
+        mask, weight = sparsity.get_mask(module), weights[name]
+        assert int((~mask).sum()) == zeros[name], name
+        assert (weight[~mask] == 0).all() and (module.weight[~mask] == 0).all(), name
+        state = [v for st in states for v in st[weight].values() if isinstance(v, torch.Tensor)
+                 and v.shape == weight.shape]
+        assert len(state) == 2, name  # AdamW: exp_avg, exp_avg_sq
+        assert all((v[~mask] == 0).all() for v in state), name
+
+
+SETTINGS.update({
+    # layer-wise on the ViT: updates at steps 1 (s=0), 3 (s=0.4375), 5 (= end_step, s=0.5)
+    "MagnitudePruning": Setting(MagnitudePruning, {"final_sparsity": 0.5, "start_step": 1, "end_step": 5,
+                                                   "update_every": 2}, "vit", check=_check_gmp),
+    # one global threshold on the GPT: updates at 0, 3, 6 and 7 (= end_step, s=0.6), from s_i=0.1
+    "MagnitudePruning-global": Setting(MagnitudePruning, {"final_sparsity": 0.6, "initial_sparsity": 0.1,
+                                                          "start_step": 0, "end_step": 7, "update_every": 3,
+                                                          "scope": "global"}, "gpt", check=_check_gmp),
+})
