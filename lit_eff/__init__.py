@@ -1,7 +1,7 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
 from lit_eff import flops, schedules, seeding, sparsity
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity
+from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity
 from lit_eff.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -19,6 +19,7 @@ __all__ = [
     "CIFAR100DataModule",
     "CausalLM",
     "DigitsDataModule",
+    "DynamicSparsity",
     "FlopsBudget",
     "FlopsMonitor",
     "GPT",

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
-from lit_eff.callbacks import FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, SparsityMonitor
+from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, SparsityMonitor
 from lit_eff.flops import count_flops
 
 
@@ -155,4 +155,42 @@ SETTINGS.update({
     "MagnitudePruning-global": Setting(MagnitudePruning, {"final_sparsity": 0.6, "initial_sparsity": 0.1,
                                                           "start_step": 0, "end_step": 7, "update_every": 3,
                                                           "scope": "global"}, "gpt", check=_check_gmp),
+})
+
+
+def _check_dynamic(trainer: Trainer, technique: DynamicSparsity) -> None:
+    """Active weights per layer stay at the initial count exactly, the masks moved away from the
+    initial random masks, and pruned dense weights and their optimizer state are 0."""
+    import torch
+
+    from lit_eff import sparsity
+    from lit_eff.seeding import generator, run_seed
+
+    assert technique.targets and technique.end_step == trainer.max_steps  # stop_fraction 1.0
+    assert technique.state_dict()["last_update"] == 6  # updates at steps 2, 4, 6 (ViT) or 3, 6 (GPT)
+    states = [o.state for o in trainer.optimizers]
+    moved = 0
+    for name, module in technique.targets.items():
+        mask, weight = sparsity.get_mask(module), module.parametrizations.weight.original
+        initial = sparsity.random_mask(mask.shape, technique.densities[name],
+                                       generator(run_seed(), "rigl-init", name))
+        assert int(mask.sum()) == int(initial.sum()) == round(technique.densities[name] * mask.numel()), name
+        moved += int((mask & ~initial).sum())
+        assert (weight[~mask] == 0).all() and (module.weight[~mask] == 0).all(), name
+        state = [v for st in states for v in st[weight].values() if isinstance(v, torch.Tensor)
+                 and v.shape == weight.shape]
+        assert len(state) == 2, name  # AdamW: exp_avg, exp_avg_sq
+        assert all((v[~mask] == 0).all() for v in state), name
+    assert moved > 0
+
+
+SETTINGS.update({
+    # RigL with ERK densities on the ViT: T_end = 8, updates at steps 2, 4, 6
+    "DynamicSparsity-rigl": Setting(DynamicSparsity, {"sparsity": 0.7, "method": "rigl", "distribution": "erk",
+                                                      "update_every": 2, "drop_fraction": 0.5,
+                                                      "stop_fraction": 1.0}, "vit", check=_check_dynamic),
+    # SET with uniform densities on the GPT: updates at steps 3 and 6
+    "DynamicSparsity-set": Setting(DynamicSparsity, {"sparsity": 0.5, "method": "set", "update_every": 3,
+                                                     "drop_fraction": 0.5, "stop_fraction": 1.0}, "gpt",
+                                   check=_check_dynamic),
 })

@@ -1,0 +1,295 @@
+"""Dynamic sparse training at constant sparsity: RigL (Evci et al. 2020) and SET (Mocanu et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from lit_eff import sparsity
+from lit_eff.callbacks._claims import refuse_masked
+from lit_eff.schedules import Cosine
+from lit_eff.seeding import generator, run_seed
+from lit_eff.sparsity.masks import _prune_smallest, validate_sparsity
+
+_METHODS = ("rigl", "set")
+_DISTRIBUTIONS = ("uniform", "erk")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected `{name}` in {list(allowed)}, got {name}={value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of the ``k`` largest of ``scores`` (ties: the lower index wins), shaped like it."""
+    flat = scores.flatten()
+    return _prune_smallest(flat, flat.numel() - k).reshape(scores.shape)
+
+
+class DynamicSparsity(Callback):
+    """Trains at constant sparsity while moving the mask: RigL (grow by gradient) or SET (grow at random).
+
+    **Init** (``setup``): each targeted layer gets a random mask at its density (``uniform``: every
+    layer at ``1 − sparsity``; ``erk``: Erdős–Rényi-Kernel, ALGORITHMS.md §4), drawn from
+    ``lit_eff.seeding.generator(run_seed, "rigl-init", layer)`` so every DDP rank has the same mask;
+    the dense weights at pruned positions are set to zero.
+
+    **Update** after the optimizer step that reaches step ``t`` with ``0 < t < T_end`` and
+    ``t % update_every == 0`` (``T_end = int(stop_fraction · total steps)``), per layer with
+    ``n`` active weights::
+
+        α_t = drop_fraction · (0.5 + 0.5 · cos(π · t / T_end))       k = ⌊α_t · n⌋
+
+    drop the ``k`` active weights of smallest ``|W|``, then grow ``k`` positions among all the
+    others (just-dropped ones included) with the largest ``|∇W|`` of the dense gradient of that
+    step (``rigl``) or at random from ``generator(run_seed, t, "set", layer)`` (``set``). Ties go
+    to the lower index. A grown position was inactive, so its weight and optimizer state are
+    exactly zero; a dropped weight that is grown back keeps its value (it never left). The count
+    of active weights of every layer never changes.
+
+    **Gradients.** Forward reads ``W ⊙ M`` through a straight-through :mod:`lit_eff.sparsity`
+    mask, so ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)`` at every position; in
+    ``on_before_optimizer_step`` (after accumulation, AMP unscaling and the DDP all-reduce, so
+    every rank sees the same one) it is copied on update steps only (RigL), then multiplied by
+    ``M`` on every step. After every optimizer step the dense weights and every optimizer-state
+    tensor of their shape are multiplied by ``M``: pruned weights stay exactly zero.
+
+    Logs ``sparsity/drop_fraction`` (``α_t`` at the current step, 0 from ``T_end`` on) and
+    ``sparsity/mask_changes`` (grown positions over active positions, all layers, at the last
+    update) every optimizer step. Each layer reports its density to ``FlopsMonitor``.
+
+    Runs on: ``setup`` (targets, claims, random masks, ``T_end`` from ``max_steps``),
+    ``on_fit_start`` (``T_end`` from the estimated steps), ``on_train_start`` (weights and
+    optimizer state masked), ``on_before_optimizer_step``, ``on_train_batch_end`` when
+    ``trainer.global_step`` advanced (masking, update if due, logging).
+
+    Args:
+        sparsity: overall fraction of pruned weights among the targets, in [0, 1).
+        method: ``"rigl"`` or ``"set"``.
+        distribution: ``"uniform"`` or ``"erk"`` layer densities.
+        update_every: ``ΔT``, optimizer steps between mask updates.
+        drop_fraction: ``α0``, in (0, 1].
+        stop_fraction: updates stop at ``T_end = stop_fraction ×`` the number of training steps
+            (``trainer.max_steps``, else ``trainer.estimated_stepping_batches``), in (0, 1].
+        include: name globs of the layers to make sparse (default: Linear layers in ``*blocks.*``).
+        exclude: name globs of layers to leave dense.
+
+    Example::
+
+        trainer:
+          callbacks+:
+            - class_path: lit_eff.callbacks.DynamicSparsity
+              init_args: {sparsity: 0.9, method: rigl, distribution: erk, update_every: 100}
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        method: Literal["rigl", "set"] = "rigl",
+        distribution: Literal["uniform", "erk"] = "uniform",
+        update_every: int = 100,
+        drop_fraction: float = 0.3,
+        stop_fraction: float = 0.75,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        if not _is_number(sparsity):
+            raise ValueError(f"Expected `sparsity` to be a number in [0, 1), got sparsity={sparsity!r}")
+        validate_sparsity(sparsity, "sparsity")
+        _check_choice("method", method, _METHODS)
+        _check_choice("distribution", distribution, _DISTRIBUTIONS)
+        if not _is_int(update_every) or update_every < 1:
+            raise ValueError(f"Expected `update_every` to be an integer >= 1, got update_every={update_every!r}")
+        for name, value in (("drop_fraction", drop_fraction), ("stop_fraction", stop_fraction)):
+            if not _is_number(value) or not 0.0 < value <= 1.0:
+                raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r}")
+        for name, value in (("include", include), ("exclude", exclude)):
+            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+                raise ValueError(f"Expected `{name}` to be a list of name patterns (strings), got {name}={value!r}")
+        self.sparsity = float(sparsity)
+        self.method = method
+        self.distribution = distribution
+        self.update_every = update_every
+        self.drop_fraction = float(drop_fraction)
+        self.stop_fraction = float(stop_fraction)
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+
+        self.targets: dict[str, nn.Module] = {}
+        self.densities: dict[str, float] = {}
+        self.active: dict[str, int] = {}  # active weights per layer (constant)
+        self._end: int | None = None  # T_end
+        self._last_step = -1  # global_step whose post-step work is done
+        self._last_update: int | None = None
+        self._mask_changes = 0.0
+        self._grads: dict[str, torch.Tensor] = {}
+
+    # schedule -----------------------------------------------------------------------------------
+    @property
+    def end_step(self) -> int:
+        """``T_end``, resolved when the fit starts."""
+        if self._end is None:
+            raise RuntimeError("DynamicSparsity's stop step is not resolved yet: run it in a Trainer")
+        return self._end
+
+    def is_update(self, step: int) -> bool:
+        """Whether the masks move after the optimizer step that reaches ``step``."""
+        return 0 < step < self.end_step and step % self.update_every == 0
+
+    def alpha(self, step: int) -> float:
+        """``α_t``: the cosine-decayed drop fraction (0 from ``T_end`` on)."""
+        if step >= self.end_step:
+            return 0.0
+        return Cosine(self.drop_fraction, 0.0, 0, self.end_step)(step)
+
+    # setup ----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        targets = sparsity.find_targets(pl_module, include=self.include, exclude=self.exclude)
+        refuse_masked(trainer, self, targets, self.targets)
+        shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+        spread = sparsity.erk_densities if self.distribution == "erk" else sparsity.uniform_densities
+        densities = spread(shapes, 1.0 - self.sparsity)
+        seed = run_seed()
+        for name, module in targets.items():
+            if sparsity.has_mask(module):  # ours, from an earlier setup
+                continue
+            weight = module.weight
+            mask = sparsity.random_mask(weight.shape, densities[name], generator(seed, "rigl-init", name))
+            mask = mask.to(weight.device)
+            with torch.no_grad():
+                weight.mul_(mask)
+            count = int(mask.sum())
+            sparsity.attach_mask(module, mask=mask, ste=True, density=count / mask.numel())
+        self.targets = targets
+        self.densities = densities
+        self.active = {name: int(sparsity.get_mask(module).sum()) for name, module in targets.items()}
+        if self._end is None and trainer.max_steps is not None and trainer.max_steps > 0:
+            self._end = int(self.stop_fraction * trainer.max_steps)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._end is None:
+            estimated = trainer.estimated_stepping_batches
+            if not math.isfinite(estimated) or estimated <= 0:
+                raise ValueError("DynamicSparsity cannot tell the length of training: set trainer.max_steps")
+            self._end = int(self.stop_fraction * estimated)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # here, not in on_fit_start: global_step and the optimizer state are restored by now
+        self._enforce(trainer)
+        self._last_step = trainer.global_step
+
+    # masks ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update(self, step: int) -> None:
+        alpha = self.alpha(step)
+        grown_total = 0
+        for name, module in self.targets.items():
+            weight = module.parametrizations.weight.original
+            mask = sparsity.get_mask(module)
+            n = self.active[name]
+            k = math.floor(alpha * n)
+            if k == 0:
+                continue
+            # drop: keep the n - k active weights of largest |W|
+            kept = _top(torch.where(mask, weight.abs().float(), -1.0), n - k)
+            # grow: k among the not-kept positions
+            if self.method == "rigl":
+                grad = self._grads.get(name)
+                scores = grad.abs().float() if grad is not None else torch.zeros(mask.shape, device=mask.device)
+            else:
+                scores = torch.rand(mask.shape, generator=generator(run_seed(), step, "set", name)).to(mask.device)
+            grown = _top(torch.where(kept, -1.0, scores), k)
+            new = kept | grown
+            grown_total += int((new & ~mask).sum())
+            sparsity.set_mask(module, new, density=n / new.numel())
+        self._grads = {}
+        self._mask_changes = grown_total / max(1, sum(self.active.values()))
+        self._last_update = step
+
+    @torch.no_grad()
+    def _enforce(self, trainer: Trainer) -> None:
+        """Zero the dense weights and their optimizer state at pruned positions."""
+        masks = {}
+        for module in self.targets.values():
+            weight = module.parametrizations.weight.original
+            mask = sparsity.get_mask(module)
+            weight.mul_(mask)
+            masks[id(weight)] = mask
+        for optimizer in trainer.optimizers:
+            for param, state in optimizer.state.items():
+                mask = masks.get(id(param))
+                if mask is None:
+                    continue
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        value.mul_(mask)
+
+    # hooks ----------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # global_step still counts the steps before this one
+        capture = self.method == "rigl" and self.is_update(trainer.global_step + 1)
+        with torch.no_grad():
+            for name, module in self.targets.items():
+                grad = module.parametrizations.weight.original.grad
+                if grad is None:
+                    continue
+                if capture:
+                    self._grads[name] = grad.detach().clone()
+                grad.mul_(sparsity.get_mask(module))
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step <= self._last_step:
+            return  # accumulating micro-batches
+        self._enforce(trainer)
+        if self.is_update(step) and self._last_update != step:
+            self._update(step)
+            self._enforce(trainer)
+        self._last_step = step
+        pl_module.log("sparsity/drop_fraction", self.alpha(step), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("sparsity/mask_changes", self._mask_changes, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # the masks stay: they are the trained state (lit_eff.sparsity.export hardens them)
+        self._grads = {}
+
+    # state ----------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(sparsity=self.sparsity, method=self.method, distribution=self.distribution,
+                                        include=self.include, exclude=self.exclude)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"end_step": self._end, "last_step": self._last_step, "last_update": self._last_update,
+                "mask_changes": self._mask_changes}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("end_step") is not None:
+            self._end = int(state_dict["end_step"])
+        self._last_step = int(state_dict.get("last_step", -1))
+        last_update = state_dict.get("last_update")
+        self._last_update = None if last_update is None else int(last_update)
+        self._mask_changes = float(state_dict.get("mask_changes", 0.0))
