@@ -1,0 +1,112 @@
+"""Step time of the sparsity callbacks vs dense Lightning, and vs the nearest anchors.
+
+The reference job (configs/vit_digits.yaml: model, data, optimizer) trains the same number of
+optimizer steps per variant; variants alternate over several rounds in one process. Printed:
+median milliseconds per optimizer step and the ratio to dense.
+
+- NMSparsity 2:4 SR-STE (masks recomputed once per optimizer step) vs torch.ao's
+  WeightNormSparsifier 2:4 (FakeSparsity parametrizations, ``sparsifier.step()`` every step);
+- MagnitudePruning (update every epoch) vs Lightning's ModelPruning (L1, every epoch);
+- DynamicSparsity RigL (update every 100 steps, ERK).
+
+    python benchmarks/sparsity.py [--steps 120] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelPruning
+
+from lit_eff import sparsity
+from lit_eff.callbacks import DynamicSparsity, MagnitudePruning, NMSparsity
+from lit_eff.datamodules import DigitsDataModule
+from lit_eff.models import ImageClassifier
+
+CONFIG = "configs/vit_digits.yaml"
+
+
+class Timer(Callback):
+    """Wall time per optimizer step after the first (warm-up excluded)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.start = time.perf_counter()
+        self.end, self.steps = time.perf_counter(), trainer.global_step - 1
+
+
+class TorchAOSparsifier(Callback):
+    """torch.ao's 2:4 WeightNormSparsifier on the same layers, masks recomputed every step."""
+
+    def setup(self, trainer, pl_module, stage):
+        from torch.ao.pruning import WeightNormSparsifier
+
+        self.sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+        names = sparsity.find_targets(pl_module)
+        self.sparsifier.prepare(pl_module, config=[{"tensor_fqn": f"{name}.weight"} for name in names])
+        self.sparsifier.step()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sparsifier.step()
+
+
+def build():
+    config = yaml.safe_load(open(CONFIG))
+    seed_everything(0, verbose=False)
+    model = ImageClassifier(**config["model"]["init_args"])
+    data = DigitsDataModule(**config["data"]["init_args"])
+    return model, data
+
+
+def run(make_callbacks, steps: int) -> float:
+    model, data = build()
+    timer = Timer()
+    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, callbacks=[*make_callbacks(model), timer])
+    trainer.fit(model, datamodule=data)
+    return (timer.end - timer.start) / timer.steps
+
+
+def lightning_pruning(model):
+    layers = sparsity.find_targets(model)
+    return [ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(m, "weight") for m in layers.values()],
+                         use_global_unstructured=False, make_pruning_permanent=False, verbose=0)]
+
+
+VARIANTS = {
+    "dense": lambda model: [],
+    "NMSparsity 2:4 SR-STE": lambda model: [NMSparsity(2, 4, method="srste")],
+    "torch.ao WeightNormSparsifier 2:4": lambda model: [TorchAOSparsifier()],
+    "MagnitudePruning 0.5, every epoch": lambda model: [MagnitudePruning(0.5, start_step=0, end_step=57,
+                                                                         update_every=19)],
+    "Lightning ModelPruning L1 0.5": lightning_pruning,
+    "DynamicSparsity RigL ERK 0.5": lambda model: [DynamicSparsity(0.5, distribution="erk", update_every=100)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name, make in VARIANTS.items():
+            times[name].append(run(make, args.steps))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, seconds in median.items():
+        print(f"  {name:36s} {seconds * 1e3:8.2f} ms/step (median)  x{seconds / median['dense']:.3f} of dense"
+              f"   best x{min(times[name]) / min(times['dense']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
