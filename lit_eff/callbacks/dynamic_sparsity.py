@@ -222,23 +222,9 @@ class DynamicSparsity(Callback):
         self._mask_changes = grown_total / max(1, sum(self.active.values()))
         self._last_update = step
 
-    @torch.no_grad()
     def _enforce(self, trainer: Trainer) -> None:
         """Zero the dense weights and their optimizer state at pruned positions."""
-        masks = {}
-        for module in self.targets.values():
-            weight = module.parametrizations.weight.original
-            mask = sparsity.get_mask(module)
-            weight.mul_(mask)
-            masks[id(weight)] = mask
-        for optimizer in trainer.optimizers:
-            for param, state in optimizer.state.items():
-                mask = masks.get(id(param))
-                if mask is None:
-                    continue
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.mul_(mask)
+        sparsity.zero_pruned(self.targets.values(), trainer.optimizers)
 
     # hooks ----------------------------------------------------------------------------------
     @override

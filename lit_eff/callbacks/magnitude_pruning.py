@@ -250,32 +250,14 @@ class MagnitudePruning(Callback):
         self._last_update = self.update_step(step)
         self._enforce(trainer)
 
-    @torch.no_grad()
     def _enforce(self, trainer: Trainer) -> None:
         """Zero the dense weights and their optimizer state at pruned positions."""
-        masks = {}
-        for module in self.targets.values():
-            weight = module.parametrizations.weight.original
-            mask = sparsity.get_mask(module)
-            weight.mul_(mask)
-            masks[id(weight)] = mask
-        for optimizer in trainer.optimizers:
-            for param, state in optimizer.state.items():
-                mask = masks.get(id(param))
-                if mask is None:
-                    continue
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.mul_(mask)
+        sparsity.zero_pruned(self.targets.values(), trainer.optimizers)
 
     # hooks ----------------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        with torch.no_grad():
-            for module in self.targets.values():
-                weight = module.parametrizations.weight.original
-                if weight.grad is not None:
-                    weight.grad.mul_(sparsity.get_mask(module))
+        sparsity.mask_gradients(self.targets.values())
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

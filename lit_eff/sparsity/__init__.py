@@ -15,6 +15,7 @@
 >>> _ = sparsity.export(model)                                  # plain GPT with 2:4 zeros
 """
 
+from lit_eff.sparsity.enforce import mask_gradients, zero_pruned
 from lit_eff.sparsity.masks import (
     erk_densities,
     global_magnitude_masks,
@@ -55,6 +56,7 @@ __all__ = [
     "harden_state_dict",
     "has_mask",
     "magnitude_mask",
+    "mask_gradients",
     "masked_modules",
     "nm_mask",
     "random_mask",
@@ -65,4 +67,5 @@ __all__ = [
     "validate_density",
     "validate_nm",
     "validate_sparsity",
+    "zero_pruned",
 ]
