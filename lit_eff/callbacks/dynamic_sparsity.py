@@ -11,6 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
+from lit_eff.callbacks._checks import check_choice, is_int, is_number
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.schedules import Cosine
 from lit_eff.seeding import generator, run_seed
@@ -18,19 +19,6 @@ from lit_eff.sparsity.masks import _prune_smallest, validate_sparsity
 
 _METHODS = ("rigl", "set")
 _DISTRIBUTIONS = ("uniform", "erk")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Expected `{name}` in {list(allowed)}, got {name}={value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,15 +94,15 @@ class DynamicSparsity(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
     ) -> None:
-        if not _is_number(sparsity):
+        if not is_number(sparsity):
             raise ValueError(f"Expected `sparsity` to be a number in [0, 1), got sparsity={sparsity!r}")
         validate_sparsity(sparsity, "sparsity")
-        _check_choice("method", method, _METHODS)
-        _check_choice("distribution", distribution, _DISTRIBUTIONS)
-        if not _is_int(update_every) or update_every < 1:
+        check_choice("method", method, _METHODS)
+        check_choice("distribution", distribution, _DISTRIBUTIONS)
+        if not is_int(update_every) or update_every < 1:
             raise ValueError(f"Expected `update_every` to be an integer >= 1, got update_every={update_every!r}")
         for name, value in (("drop_fraction", drop_fraction), ("stop_fraction", stop_fraction)):
-            if not _is_number(value) or not 0.0 < value <= 1.0:
+            if not is_number(value) or not 0.0 < value <= 1.0:
                 raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r}")
         for name, value in (("include", include), ("exclude", exclude)):
             if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):

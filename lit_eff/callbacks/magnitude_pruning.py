@@ -11,25 +11,13 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
+from lit_eff.callbacks._checks import check_choice, is_int, is_number
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.schedules import Polynomial
 from lit_eff.sparsity.masks import validate_nm, validate_sparsity
 
 _SCOPES = ("layer", "global")
 _STRUCTURES = ("unstructured", "nm")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Expected `{name}` in {list(allowed)}, got {name}={value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class MagnitudePruning(Callback):
@@ -107,24 +95,24 @@ class MagnitudePruning(Callback):
         exclude: list[str] | None = None,
     ) -> None:
         for name, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
-            if not _is_number(value):
+            if not is_number(value):
                 raise ValueError(f"Expected `{name}` to be a number in [0, 1), got {name}={value!r}")
             validate_sparsity(value, name)
         if initial_sparsity > final_sparsity:
             raise ValueError(f"Expected `initial_sparsity` <= `final_sparsity`, got "
                              f"initial_sparsity={initial_sparsity}, final_sparsity={final_sparsity}")
-        if not _is_int(start_step) or start_step < 0:
+        if not is_int(start_step) or start_step < 0:
             raise ValueError(f"Expected `start_step` to be an integer >= 0, got start_step={start_step!r}")
         if end_step is not None:
-            if not _is_int(end_step) or end_step <= 0:
+            if not is_int(end_step) or end_step <= 0:
                 raise ValueError(f"Expected `end_step` to be an integer > 0 or None, got end_step={end_step!r}")
             self._check_span(start_step, end_step)
-        if not _is_int(update_every) or update_every < 1:
+        if not is_int(update_every) or update_every < 1:
             raise ValueError(f"Expected `update_every` to be an integer >= 1, got update_every={update_every!r}")
-        if not _is_number(power) or not power > 0:
+        if not is_number(power) or not power > 0:
             raise ValueError(f"Expected `power` > 0, got power={power!r}")
-        _check_choice("scope", scope, _SCOPES)
-        _check_choice("structure", structure, _STRUCTURES)
+        check_choice("scope", scope, _SCOPES)
+        check_choice("structure", structure, _STRUCTURES)
         validate_nm(n, m)
         if structure == "nm" and not math.isclose(final_sparsity, 1 - n / m, abs_tol=1e-9):
             raise ValueError(f"Expected `final_sparsity` = 1 - n/m = {1 - n / m:g} with structure='nm' (the final mask "

@@ -11,17 +11,13 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
+from lit_eff.callbacks._checks import check_choice
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.sparsity.masks import validate_nm
 
 _METHODS = ("ste", "srste", "mask_decay")
 _DECAYS = ("linear", "exp")
 _STRUCTURE_DECAYS = ("none", "stepwise", "geometric")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Expected `{name}` in {list(allowed)}, got {name}={value!r}")
 
 
 def _check_steps(name: str, value: Any, allow_none: bool = False) -> None:
@@ -115,9 +111,9 @@ class NMSparsity(Callback):
         exclude: list[str] | None = None,
     ) -> None:
         validate_nm(n, m)
-        _check_choice("method", method, _METHODS)
-        _check_choice("decay", decay, _DECAYS)
-        _check_choice("structure_decay", structure_decay, _STRUCTURE_DECAYS)
+        check_choice("method", method, _METHODS)
+        check_choice("decay", decay, _DECAYS)
+        check_choice("structure_decay", structure_decay, _STRUCTURE_DECAYS)
         if not srste_lambda >= 0:
             raise ValueError(f"Expected `srste_lambda` >= 0, got srste_lambda={srste_lambda}")
         if not decay_rate > 0:
