@@ -67,3 +67,19 @@ def mean_val_loss(model, datamodule, loss_fn) -> float:
     losses = [loss_fn(model, batch).item() for batch in datamodule.val_dataloader()]
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def masked_layer_flops(technique, trainer, module) -> int:
+    """Training FLOPs (forward + backward) of the technique's targeted layers on one training
+    batch, counted layer by layer, independently of FlopsMonitor."""
+    from lit_eff.flops import count_flops
+
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+             for name, layer in technique.targets.items()]
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    module(batch[0])
+    for hook in hooks:
+        hook.remove()
+    return sum(count_flops(lambda layer=layer, x=inputs[name]: layer(x.detach().requires_grad_())).total
+               for name, layer in technique.targets.items())

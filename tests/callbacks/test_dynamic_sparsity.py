@@ -12,8 +12,7 @@ from lightning.pytorch import Callback
 
 from lit_eff import sparsity
 from lit_eff.callbacks import DynamicSparsity, FlopsMonitor, MagnitudePruning
-from lit_eff.flops import count_flops
-from tests.helpers import MODELS, make_trainer, seeded
+from tests.helpers import MODELS, make_trainer, masked_layer_flops, seeded
 
 
 def run(callbacks, model="vit", seed_env=None, monkeypatch=None, **trainer_kwargs):
@@ -221,15 +220,7 @@ def test_a_weight_masked_by_another_callback_is_refused():
 def test_effective_flops_count_the_layer_densities():
     technique, monitor = DynamicSparsity(sparsity=0.5, update_every=1, stop_fraction=1.0), FlopsMonitor()
     trainer, module = run([monitor, technique], max_steps=2)
-    inputs = {}
-    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
-             for name, layer in technique.targets.items()]
-    batch = next(iter(trainer.datamodule.train_dataloader()))
-    module(batch[0])
-    for hook in hooks:
-        hook.remove()
-    masked = sum(count_flops(lambda layer=layer, x=inputs[name]: layer(x.detach().requires_grad_())).total
-                 for name, layer in technique.targets.items())
+    masked = masked_layer_flops(technique, trainer, module)
     assert masked > 0
     assert monitor.last_step_effective < monitor.last_step_executed
     assert monitor.last_step_effective == monitor.last_step_executed - masked / 2

@@ -9,8 +9,7 @@ from lightning.pytorch import Callback
 
 from lit_eff import sparsity
 from lit_eff.callbacks import FlopsMonitor, MagnitudePruning, NMSparsity
-from lit_eff.flops import count_flops
-from tests.helpers import MODELS, make_trainer, seeded
+from tests.helpers import MODELS, make_trainer, masked_layer_flops, seeded
 
 
 def run(callbacks, model="vit", **trainer_kwargs):
@@ -275,15 +274,7 @@ def test_effective_flops_reflect_the_pruned_density_and_metrics_are_logged():
     # step 1 runs dense (s_i = 0 at step 0), step 2 at 50% after the update at end_step = 1
     technique, monitor = MagnitudePruning(final_sparsity=0.5, start_step=0, end_step=1, update_every=1), FlopsMonitor()
     trainer, module = run([monitor, technique], max_steps=2)
-    inputs = {}
-    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
-             for name, layer in technique.targets.items()]
-    batch = next(iter(trainer.datamodule.train_dataloader()))
-    module(batch[0])
-    for hook in hooks:
-        hook.remove()
-    masked = sum(count_flops(lambda layer=layer, x=inputs[name]: layer(x.detach().requires_grad_())).total
-                 for name, layer in technique.targets.items())
+    masked = masked_layer_flops(technique, trainer, module)
     assert masked > 0
     assert monitor.last_step_effective < monitor.last_step_executed
     assert monitor.last_step_effective == monitor.last_step_executed - masked / 2

@@ -10,8 +10,7 @@ from lightning.pytorch import Callback
 
 from lit_eff import sparsity
 from lit_eff.callbacks import FlopsMonitor, NMSparsity
-from lit_eff.flops import count_flops
-from tests.helpers import MODELS, make_trainer, seeded
+from tests.helpers import MODELS, make_trainer, masked_layer_flops, seeded
 
 
 def run(callbacks, model="vit", **trainer_kwargs):
@@ -232,16 +231,7 @@ def test_two_sparsity_callbacks_on_the_same_weight_are_refused():
 def test_effective_flops_of_a_2of4_run_count_masked_matmuls_at_half():
     technique, monitor = NMSparsity(n=2, m=4, method="srste"), FlopsMonitor()
     trainer, module = run([monitor, technique], max_steps=2)
-    # inputs of the masked layers on one training batch, counted independently layer by layer
-    inputs = {}
-    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
-             for name, layer in technique.targets.items()]
-    batch = next(iter(trainer.datamodule.train_dataloader()))
-    module(batch[0])
-    for hook in hooks:
-        hook.remove()
-    masked = sum(count_flops(lambda layer=layer, x=inputs[name]: layer(x.detach().requires_grad_())).total
-                 for name, layer in technique.targets.items())
+    masked = masked_layer_flops(technique, trainer, module)
     assert masked > 0
     assert monitor.last_step_effective == monitor.last_step_executed - masked / 2
     assert monitor.total_effective == monitor.total_executed - masked  # two steps at 2:4
