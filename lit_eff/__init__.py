@@ -1,7 +1,7 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
 from lit_eff import flops, schedules, seeding, sparsity
-from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity
+from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, StaticSparsity
 from lit_eff.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -27,6 +27,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MagnitudePruning",
     "NMSparsity",
+    "StaticSparsity",
     "SyntheticImageDataModule",
     "TextDataModule",
     "flops",

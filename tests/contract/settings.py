@@ -11,7 +11,15 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
-from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, SparsityMonitor
+from lit_eff.callbacks import (
+    DynamicSparsity,
+    FlopsBudget,
+    FlopsMonitor,
+    MagnitudePruning,
+    NMSparsity,
+    SparsityMonitor,
+    StaticSparsity,
+)
 from lit_eff.flops import count_flops
 
 
@@ -193,4 +201,48 @@ SETTINGS.update({
     "DynamicSparsity-set": Setting(DynamicSparsity, {"sparsity": 0.5, "method": "set", "update_every": 3,
                                                      "drop_fraction": 0.5, "stop_fraction": 1.0}, "gpt",
                                    check=_check_dynamic),
+})
+
+
+def _check_static(trainer: Trainer, technique: StaticSparsity) -> None:
+    """Before the release: exactly the initial mask, pruned dense weights and their AdamW state 0.
+    After it: all-ones masks, density 1, and weights pruned until the release have moved off 0."""
+    import torch
+
+    from lit_eff import sparsity
+    from lit_eff.seeding import generator, run_seed
+
+    assert technique.targets
+    states = [o.state for o in trainer.optimizers]
+    released = technique.resolved_release_step is not None and trainer.global_step >= technique.resolved_release_step
+    assert technique.released == released
+    revived = 0
+    for name, module in technique.targets.items():
+        mask, weight = sparsity.get_mask(module), module.parametrizations.weight.original
+        density = technique.densities[name]
+        if released:
+            assert mask.all(), name
+            if technique.mask == "random":
+                initial = sparsity.random_mask(mask.shape, density, generator(run_seed(), "spdf-init", name))
+                revived += int((weight[~initial] != 0).sum())
+            continue
+        assert int(mask.sum()) == round(density * mask.numel()), name
+        if technique.mask == "random":
+            assert torch.equal(mask, sparsity.random_mask(mask.shape, density, generator(run_seed(), "spdf-init", name)))
+        assert (weight[~mask] == 0).all() and (module.weight[~mask] == 0).all(), name
+        state = [v for st in states for v in st[weight].values() if isinstance(v, torch.Tensor)
+                 and v.shape == weight.shape]
+        assert len(state) == 2, name  # AdamW: exp_avg, exp_avg_sq
+        assert all((v[~mask] == 0).all() for v in state), name
+    assert not released or revived > 0
+
+
+SETTINGS.update({
+    # SPDF in one run on the ViT: random 75% masks for steps 1-5, released after step 5 (the resume
+    # tests restart at step 3, before the release, and at step 6, after it)
+    "StaticSparsity-release": Setting(StaticSparsity, {"sparsity": 0.75, "release_step": 5}, "vit",
+                                      check=_check_static),
+    # magnitude masks with ERK densities on the GPT, never released
+    "StaticSparsity-magnitude": Setting(StaticSparsity, {"sparsity": 0.5, "mask": "magnitude",
+                                                         "distribution": "erk"}, "gpt", check=_check_static),
 })
