@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from lit_eff.models.gpt import GPT
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
+from lit_eff.models.weights import load_weights
 
 
 class CausalLM(LightningModule):
@@ -18,6 +19,10 @@ class CausalLM(LightningModule):
 
     Logs ``train/loss``, ``val/loss``, ``val/bpb`` (bits per token: bits per byte for the byte
     vocabulary), ``val/ppl`` and the same for test. :meth:`generate` samples text.
+
+    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
+    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
+    dense fine-tune, docs/techniques/spdf.md).
 
     Example::
 
@@ -40,13 +45,16 @@ class CausalLM(LightningModule):
         weight_decay: float = 0.1,
         warmup: float = 0.05,
         min_lr_factor: float = 0.1,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        if init_weights is not None:
+            load_weights(self, init_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
+from lit_eff.models.weights import load_weights
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -29,6 +30,10 @@ class ImageClassifier(LightningModule):
     ``pretrained`` is off by default (no downloads). Optimizer: AdamW with warm-up and cosine
     decay per step; LightningCLI's ``--optimizer``/``--lr_scheduler`` replace it. Logs
     ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+
+    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
+    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
+    dense fine-tune, docs/techniques/spdf.md).
 
     Example (a ViT for 8x8 digits: 2x2 patches, average pooling)::
 
@@ -53,6 +58,7 @@ class ImageClassifier(LightningModule):
         warmup: float = 0.05,
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
@@ -60,11 +66,13 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"Expected `num_classes` > 0, got num_classes={num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = create_timm_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        in_chans=in_chans, **(model_kwargs or {}))
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if init_weights is not None:
+            load_weights(self, init_weights)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
