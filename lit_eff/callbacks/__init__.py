@@ -7,6 +7,9 @@ from lit_eff.callbacks.magnitude_pruning import MagnitudePruning
 from lit_eff.callbacks.nm_sparsity import NMSparsity
 from lit_eff.callbacks.sparsity_monitor import SparsityMonitor
 from lit_eff.callbacks.static_sparsity import StaticSparsity
+from lit_eff.callbacks.token_drop import TokenDrop
+from lit_eff.callbacks.token_merge import TokenMerge
+from lit_eff.callbacks.token_skip import TokenSkip
 
 __all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "MagnitudePruning", "NMSparsity", "SparsityMonitor",
-           "StaticSparsity"]
+           "StaticSparsity", "TokenDrop", "TokenMerge", "TokenSkip"]

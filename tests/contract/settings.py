@@ -246,3 +246,59 @@ SETTINGS.update({
     "StaticSparsity-magnitude": Setting(StaticSparsity, {"sparsity": 0.5, "mask": "magnitude",
                                                          "distribution": "erk"}, "gpt", check=_check_static),
 })
+
+
+# --- token reduction (lit_eff.tokens) --------------------------------------------------------
+from lit_eff.callbacks import TokenDrop, TokenMerge, TokenSkip  # noqa: E402
+
+
+def _token_fraction(technique) -> float:
+    state = technique.state_dict()
+    assert state["dense_layer_tokens"] > 0
+    return state["layer_tokens"] / state["dense_layer_tokens"]
+
+
+def _check_token_drop(trainer: Trainer, technique: TokenDrop) -> None:
+    """Tiny ViT (cls + 16 patches, 2 blocks): 8 patches kept into block 0, 4 into block 1, so the
+    blocks process 9 + 5 of 2 x 17 tokens; the random choice left a fingerprint."""
+    assert technique.machinery is None  # removed at teardown
+    assert _token_fraction(technique) == (9 + 5) / 34
+    assert technique.state_dict()["last_choice"] > 0
+    assert float(trainer.callback_metrics["tokens/kept_fraction/block1"]) == 0.25
+
+
+def _check_token_merge(trainer: Trainer, technique: TokenMerge) -> None:
+    """r=4 in both blocks of the tiny ViT, in training: 17 tokens into block 0, 13 into block 1, 9 out."""
+    assert _token_fraction(technique) == (17 + 13) / 34
+    assert abs(float(trainer.callback_metrics["tokens/kept_fraction"]) - 9 / 17) < 1e-6
+
+
+def _check_token_skip_ltd(trainer: Trainer, technique: TokenSkip) -> None:
+    """Tiny GPT (block 32, 2 blocks): block 1 processes a random half, block 0 everything."""
+    assert technique.machinery is None
+    assert _token_fraction(technique) == (32 + 16) / 64
+    assert technique.state_dict()["last_choice"] > 0
+
+
+def _check_token_skip_mod(trainer: Trainer, technique: TokenSkip) -> None:
+    """Both GPT blocks route a quarter of each sequence; the routers are model parameters that
+    trained (moved from their zero bias) and are in the state dict."""
+    assert _token_fraction(technique) == 0.25
+    state = trainer.lightning_module.state_dict()
+    for i in (0, 1):
+        assert f"model.blocks.{i}.token_router.weight" in state
+        assert state[f"model.blocks.{i}.token_router.bias"].abs().item() > 0
+    assert 0.0 < float(trainer.callback_metrics["tokens/router_aux_loss"])
+    technique.detach()
+
+
+SETTINGS.update({
+    # PyramidDrop stages 1 -> 0.5 -> 0.25 with random scores (DDP ranks must draw the same tokens)
+    "TokenDrop-random": Setting(TokenDrop, {"blocks": [0, 1], "keep_ratios": [0.5, 0.25], "score": "random"},
+                                "vit", check=_check_token_drop),
+    "TokenMerge-train": Setting(TokenMerge, {"r": 4, "apply_in": "both"}, "vit", check=_check_token_merge),
+    "TokenSkip-ltd": Setting(TokenSkip, {"method": "ltd", "blocks": [1], "keep": 0.5}, "gpt",
+                             check=_check_token_skip_ltd),
+    "TokenSkip-mod": Setting(TokenSkip, {"method": "mod", "blocks": [0, 1], "capacity": 0.25}, "gpt",
+                             check=_check_token_skip_mod),
+})
