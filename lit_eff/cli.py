@@ -9,7 +9,8 @@ the test split is evaluated with the final weights unless ``--test_after_fit fal
 language model prints a sample of generated text.
 
 ``lit-eff report ...`` and ``lit-eff sweep ...`` compare runs at equal FLOPs; see
-:mod:`lit_eff.report` and :mod:`lit_eff.sweep`.
+:mod:`lit_eff.report` and :mod:`lit_eff.sweep`. ``lit-eff search ...`` searches a trained supernet
+checkpoint for the best subnet under a FLOPs budget (:mod:`lit_eff.supernet.search`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 import lit_eff.callbacks  # noqa: F401  (registers short class names)
 import lit_eff.datamodules  # noqa: F401
 import lit_eff.models  # noqa: F401
+import lit_eff.supernet  # noqa: F401
 
 
 class LitEffCLI(LightningCLI):
@@ -49,8 +51,9 @@ class LitEffCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("report", "sweep"):  # argparse tools, not LightningCLI subcommands
-        return importlib.import_module(f"lit_eff.{argv[0]}").cli(argv[1:])
+    tools = {"report": "lit_eff.report", "sweep": "lit_eff.sweep", "search": "lit_eff.supernet.search"}
+    if argv and argv[0] in tools:  # argparse tools, not LightningCLI subcommands
+        return importlib.import_module(tools[argv[0]]).cli(argv[1:])
     LitEffCLI(args=args)
 
 

@@ -1,0 +1,183 @@
+"""SupernetModule through the shared contract (fit, resume == uninterrupted with sampler state and
+banks, DDP with identical subnets on both ranks, accumulation, bf16, YAML), plus search and export."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from lit_eff.cli import LitEffCLI
+from lit_eff.supernet import ComplexityAware, DelayedShrinking, PerformanceAware, Sandwich, SupernetModule, Uniform
+from lit_eff.supernet.search import cli as search_cli
+from lit_eff.supernet.search import search
+from tests.contract.test_contract import assert_same_state
+from tests.helpers import digits, flat_state, make_trainer, max_abs_diff, seeded, text
+from tests.supernet.common import tiny_supernet
+
+SAMPLERS = {
+    "sandwich": lambda: Sandwich(k=1),
+    "perf": lambda: PerformanceAware(num_buckets=2, k=2, q=0.5, capacity=2),
+    "complexity": lambda: ComplexityAware(num_buckets=3, k=1),
+}
+
+
+class DrawRecorder(Callback):
+    """The subnets each optimizer step trained, per rank, written at the end of fit."""
+
+    def __init__(self, folder=None):
+        self.folder, self.steps = folder, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append([d.config.short() for d in pl_module.sampler._cached[1]])  # this batch's draws
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.folder:
+            torch.save({"steps": self.steps, "weights": flat_state(pl_module), "allreduces": ALLREDUCES[0],
+                        "sampler": pl_module.sampler.state_dict()},
+                       os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+def fit(arch="vit", sampler="sandwich", ckpt_dir=None, ckpt_path=None, **kwargs):
+    seeded(0)
+    module = tiny_supernet(arch, sampler=SAMPLERS[sampler]())
+    callbacks = [DrawRecorder()]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, filename="{step}"))
+    kwargs.setdefault("max_steps", 8)
+    trainer = make_trainer(callbacks=callbacks, enable_checkpointing=ckpt_dir is not None, **kwargs)
+    trainer.fit(module, datamodule=digits() if arch == "vit" else text())
+    return trainer, module, callbacks[0]
+
+
+@pytest.mark.parametrize("arch, variant", [("vit", {}), ("gpt", {"precision": "bf16-mixed"}),
+                                           ("vit", {"precision": "bf16-mixed", "accumulate_grad_batches": 2})])
+def test_short_fit(arch, variant):
+    trainer, module, recorder = fit(arch, **variant)
+    assert trainer.global_step == 8
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    metrics = trainer.callback_metrics
+    name = "acc" if arch == "vit" else "loss"
+    logged = [k for k in metrics if k.startswith(f"supernet/val_{name}@")]
+    assert len(logged) == len(module.val_configs) == 3
+    assert f"supernet/val_{name}@{module.subnet_flops(module.space.min()) / 1e6:.3g}" in logged
+    accumulate = variant.get("accumulate_grad_batches", 1)
+    assert len(recorder.steps) == 8 * accumulate
+    assert recorder.steps[0] == recorder.steps[accumulate - 1]  # one subnet set per optimizer step
+    assert recorder.steps[0][0] == module.space.max().short() and recorder.steps[0][1] == module.space.min().short()
+
+
+@pytest.mark.parametrize("sampler", ["perf", "complexity"])
+def test_resume_restores_sampler_state_exactly(sampler, tmp_path):
+    full_trainer, full_module, full_rec = fit(sampler=sampler, ckpt_dir=tmp_path / "ckpt")
+    reference = flat_state(full_module)
+    for name in ("step=3.ckpt", "step=6.ckpt"):
+        trainer, module, rec = fit(sampler=sampler, ckpt_path=str(tmp_path / "ckpt" / name))
+        assert trainer.global_step == 8
+        assert rec.steps == full_rec.steps[-len(rec.steps):], name
+        assert max_abs_diff(flat_state(module), reference) <= 1e-6, name
+        assert_same_state(module.sampler.state_dict(), full_module.sampler.state_dict(), name, tol=0.0)
+    if sampler == "perf":
+        assert sum(len(b) for b in full_module.sampler.banks) > 0
+
+
+ALLREDUCES = [0]
+
+
+def counting_allreduce(state, bucket):
+    ALLREDUCES[0] += 1
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class CommHook(Callback):
+    def on_train_start(self, trainer, pl_module):  # Lightning registers ddp_comm_hook on CUDA only
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
+
+@pytest.mark.parametrize("sampler", ["perf"])
+def test_ddp_two_ranks_train_identical_subnets(sampler, tmp_path):
+    seeded(0)
+    module = tiny_supernet("vit", sampler=SAMPLERS[sampler]())
+    strategy = DDPStrategy(start_method="spawn")  # find_unused_parameters off (the default)
+    callbacks = [CommHook(), DrawRecorder(str(tmp_path))]
+    trainer = make_trainer(strategy=strategy, devices=2, max_steps=6, callbacks=callbacks)
+    trainer.fit(module, datamodule=digits())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert len(ranks[0]["steps"]) == 6 and ranks[0]["steps"] == ranks[1]["steps"]
+    assert len({tuple(s) for s in ranks[0]["steps"]}) > 1
+    assert max_abs_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
+    assert_same_state(ranks[0]["sampler"], ranks[1]["sampler"], tol=0.0)
+    # all subnets of a step share one backward: one gradient all-reduce per step (one bucket: tiny model)
+    assert ranks[0]["allreduces"] == 6
+
+
+def test_every_parameter_gets_a_gradient_without_teacher():
+    """Uniform sampling may skip the largest subnet; a zero-weighted touch of every parameter still
+    gives each a gradient, which is what lets DDP run with find_unused_parameters off."""
+    seeded(0)
+    module = tiny_supernet("vit", sampler=Uniform(k=1))
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(module, datamodule=digits())  # binds the sampler
+    x, y = next(iter(trainer.datamodule.train_dataloader()))
+    module.zero_grad(set_to_none=True)
+    module.trainer = None  # a bare call: step 0
+    assert module.space.max() not in [d.config for d in module.sampler.sample(0)]
+    module.training_step((x, y), 0).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_delayed_shrinking_trains_only_the_full_model_first():
+    seeded(0)
+    module = tiny_supernet("vit", sampler=DelayedShrinking(start_fraction=0.5, warmup_fraction=0.25, k=1))
+    recorder = DrawRecorder()
+    make_trainer(max_steps=8, callbacks=[recorder]).fit(module, datamodule=digits())
+    assert [len(s) for s in recorder.steps] == [1, 1, 1, 1, 3, 3, 3, 3]
+
+
+def test_search_and_cli(tmp_path):
+    trainer, module, _ = fit("vit", ckpt_dir=tmp_path / "ckpt", max_steps=3)
+    dm = digits()
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())[:2]
+    smallest = module.subnet_flops(module.space.min())
+    with pytest.raises(ValueError, match=rf"budget of at least the smallest subnet's {smallest / 1e6:.4g} MFLOPs"):
+        search(module, batches, smallest * 0.9)
+    budget = module.subnet_flops(module.space.max()) * 0.6
+    best, results = search(module, batches, budget, "evolution", candidates=10, population=4, seed=1)
+    assert best.flops <= budget and len(results) == 10
+    assert best.metric == max(r.metric for r in results if r.flops <= budget)
+    again, _ = search(module, batches, budget, "evolution", candidates=10, population=4, seed=1)
+    assert again.config == best.config  # seeded
+    out = tmp_path / "out"
+    chosen = search_cli(["--ckpt", str(tmp_path / "ckpt" / "step=3.ckpt"), "--budget-mflops", str(budget / 1e6),
+                         "--method", "random", "--candidates", "6", "--batches", "1", "--out", str(out)])
+    assert {"pareto.png", "search.json", "subnet.pt"} <= set(os.listdir(out))
+    saved = torch.load(out / "subnet.pt", weights_only=False)
+    x = batches[0][0][:4]
+    loaded = SupernetModule.load_from_checkpoint(str(tmp_path / "ckpt" / "step=3.ckpt"))
+    loaded.model.set_subnet(chosen.config)
+    with torch.no_grad():
+        assert (saved["model"](x) - loaded(x)).abs().max() <= 1e-5
+
+
+def test_bad_module_args():
+    with pytest.raises(ValueError, match=r"Expected `arch` in \['vit', 'gpt'\], got arch='cnn'"):
+        SupernetModule("cnn")
+    with pytest.raises(ValueError, match=r"Expected `distill` in \['kl', 'alpha', 'none'\]"):
+        SupernetModule(distill="mse")
+    with pytest.raises(ValueError, match=r"Expected `temperature` > 0"):
+        SupernetModule(temperature=0.0)
+    with pytest.raises(ValueError, match=r"Expected `embed_dim` to be strictly increasing"):
+        SupernetModule(space={"embed_dim": [64, 32], "depth": [1], "num_heads": [2], "mlp_ratio": [1.0]})
+
+
+@pytest.mark.parametrize("config", ["supernet_vit_digits.yaml", "supernet_gpt_text.yaml"])
+def test_configs_parse(config, tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", config)
+    cli = LitEffCLI(args=["--config", path, "--model.sampler", "lit_eff.supernet.ComplexityAware"], run=False)
+    assert isinstance(cli.model, SupernetModule) and isinstance(cli.model.sampler, ComplexityAware)
+    assert cli.model.space.to_dict() == yaml.safe_load(open(path))["model"]["init_args"]["space"]
