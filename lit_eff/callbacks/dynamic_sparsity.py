@@ -48,8 +48,9 @@ class DynamicSparsity(Callback):
     exactly zero; a dropped weight that is grown back keeps its value (it never left). The count
     of active weights of every layer never changes.
 
-    **Gradients.** Forward reads ``W ⊙ M`` through a straight-through :mod:`lit_eff.sparsity`
-    mask, so ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)`` at every position; in
+    **Gradients.** The :mod:`lit_eff.sparsity` mask is ``in_place``: ``W`` is kept at zero at
+    pruned positions, so forward reads ``W = W ⊙ M`` as is (no per-forward masking cost) and
+    ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)`` at every position; in
     ``on_before_optimizer_step`` (after accumulation, AMP unscaling and the DDP all-reduce, so
     every rank sees the same one) it is copied on update steps only (RigL), then multiplied by
     ``M`` on every step. After every optimizer step the dense weights and every optimizer-state
@@ -161,7 +162,7 @@ class DynamicSparsity(Callback):
             with torch.no_grad():
                 weight.mul_(mask)
             count = int(mask.sum())
-            sparsity.attach_mask(module, mask=mask, ste=True, density=count / mask.numel())
+            sparsity.attach_mask(module, mask=mask, in_place=True, density=count / mask.numel())
         self.targets = targets
         self.densities = densities
         self.active = {name: int(sparsity.get_mask(module).sum()) for name, module in targets.items()}
@@ -218,15 +219,13 @@ class DynamicSparsity(Callback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # global_step still counts the steps before this one
-        capture = self.method == "rigl" and self.is_update(trainer.global_step + 1)
-        with torch.no_grad():
+        if self.method == "rigl" and self.is_update(trainer.global_step + 1):
+            # the dense gradient (all entries reach W: forward reads it as is) decides regrowth
             for name, module in self.targets.items():
                 grad = module.parametrizations.weight.original.grad
-                if grad is None:
-                    continue
-                if capture:
+                if grad is not None:
                     self._grads[name] = grad.detach().clone()
-                grad.mul_(sparsity.get_mask(module))
+        sparsity.mask_gradients(self.targets.values())
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

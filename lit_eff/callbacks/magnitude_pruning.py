@@ -40,15 +40,17 @@ class MagnitudePruning(Callback):
     schedule's sparsity is reached on top of an N:M floor; ``final_sparsity`` must be
     ``1 − n/m``, and the update at ``end_step`` leaves exactly ``n`` of every ``m``.
 
-    Pruned weights stay exactly zero: forward reads ``W ⊙ M`` (a :mod:`lit_eff.sparsity`
-    parametrization with the plain masked gradient); gradients are multiplied by ``M`` in
+    Pruned weights stay exactly zero: the :mod:`lit_eff.sparsity` mask is ``in_place`` (``W``
+    is zeroed at pruned positions when a mask changes, so forward reads ``W = W ⊙ M`` at no
+    cost); gradients are multiplied by ``M`` in
     ``on_before_optimizer_step``; after every optimizer step the dense weight and every
     optimizer-state tensor of its shape (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) are
     multiplied by ``M``, so neither momentum nor weight decay brings a pruned weight back and
     ``lit_eff.sparsity.export`` gives exact zeros.
 
-    Logs ``sparsity/target`` (``s_t``) and ``sparsity/actual`` (zeros among the targeted dense
-    weights) every optimizer step. Each layer reports its density to ``FlopsMonitor``.
+    Logs ``sparsity/target`` (``s_t``) every optimizer step and ``sparsity/actual`` (zeros
+    among the targeted dense weights) at Lightning's ``log_every_n_steps``, at every mask update
+    and at ``max_steps``. Each layer reports its density to ``FlopsMonitor``.
 
     Runs on: ``setup`` (targets, checks, all-ones masks attached before the strategy wraps the
     model and before a checkpoint restore), ``on_fit_start`` (resolves ``end_step``),
@@ -182,7 +184,7 @@ class MagnitudePruning(Callback):
             refuse_masked(trainer, self, {name: module}, self.targets)
         for module in targets.values():
             if not sparsity.has_mask(module):
-                sparsity.attach_mask(module, ste=False, density=1.0)  # dense until the first update
+                sparsity.attach_mask(module, in_place=True, density=1.0)  # dense until the first update
         self.targets = targets
         if self._end is None and trainer.max_steps is not None and trainer.max_steps > 0:
             self._resolve_end(trainer.max_steps)
@@ -257,12 +259,15 @@ class MagnitudePruning(Callback):
         if self.update_step(step) == step:
             self._update(trainer, step)
         self._last_step = step
-        with torch.no_grad():
-            weights = [module.parametrizations.weight.original for module in self.targets.values()]
-            zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
-            actual = zeros / sum(w.numel() for w in weights)
         pl_module.log("sparsity/target", self.target(step), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("sparsity/actual", actual, on_step=True, on_epoch=False, batch_size=1)
+        every = max(1, trainer.log_every_n_steps)
+        if step % every == 0 or self.update_step(step) == step or step == trainer.max_steps:
+            # counting zeros is a pass over every target: only where it gets logged or changes
+            with torch.no_grad():
+                weights = [module.parametrizations.weight.original for module in self.targets.values()]
+                zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
+                actual = zeros / sum(w.numel() for w in weights)
+            pl_module.log("sparsity/actual", actual, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

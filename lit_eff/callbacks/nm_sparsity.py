@@ -236,17 +236,23 @@ class NMSparsity(Callback):
     # masks ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _apply(self, step: int) -> None:
-        """Masks, β and reported density for optimizer step ``step``, from the current weights."""
+        """Masks, β and reported density for optimizer step ``step``, from the current weights.
+
+        All targets' masks are ranked in one batch (:func:`lit_eff.sparsity.nm_masks`); β is
+        written only when it changes.
+        """
         n, m = self.frame(step)
         beta = self.beta(step)
-        for name, module in self.targets.items():
-            weight = module.parametrizations.weight.original
-            if n == m:
-                mask = torch.ones_like(weight, dtype=torch.bool)
-            else:
-                mask = sparsity.nm_mask(weight, n, m, name=name)
+        modules = list(self.targets.values())
+        if n == m:
+            masks = [torch.ones_like(sparsity.get_mask(module)) for module in modules]
+        else:
+            weights = [module.parametrizations.weight.original for module in modules]
+            masks = sparsity.nm_masks(weights, n, m, names=list(self.targets))
+        for module, mask in zip(modules, masks):
             sparsity.set_mask(module, mask, density=n / m)
-            sparsity.set_beta(module, beta)
+            if sparsity.get_parametrization(module)._beta != beta:
+                sparsity.set_beta(module, beta)
         self._last_step = step
         self._current = (beta, n, m, n / m if beta == 0 else 1.0)
 
@@ -266,12 +272,17 @@ class NMSparsity(Callback):
         if self.method != "srste" or self.srste_lambda == 0 or self.phase(trainer.global_step) == "dense":
             return
         with torch.no_grad():
+            grads, weights, masks = [], [], []
             for module in self.targets.values():
                 weight = module.parametrizations.weight.original
                 if weight.grad is None:
                     continue
-                mask = sparsity.get_mask(module)
-                weight.grad.add_(torch.where(mask, 0.0, weight.detach()).to(weight.grad.dtype), alpha=self.srste_lambda)
+                grads.append(weight.grad)
+                weights.append(weight.detach().to(weight.grad.dtype))
+                masks.append(sparsity.get_parametrization(module).mask_values.to(weight.grad.dtype))
+            if grads:  # grad += λ (1 − E) ⊙ W, fused over all targets
+                pruned = torch._foreach_add(torch._foreach_neg(masks), 1.0)
+                torch._foreach_addcmul_(grads, weights, pruned, value=self.srste_lambda)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

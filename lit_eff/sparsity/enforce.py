@@ -13,30 +13,46 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lit_eff.sparsity.parametrize import get_mask
+from lit_eff.sparsity.parametrize import get_parametrization
 
 
 def _dense(module: nn.Module) -> torch.Tensor:
     return module.parametrizations.weight.original
 
 
+def _mask_values(module: nn.Module) -> torch.Tensor:
+    return get_parametrization(module).mask_values
+
+
+def _multiply(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """``tensors[i] *= masks[i]`` in fused ``foreach`` calls (one per dtype/device group)."""
+    if not tensors:
+        return
+    groups: dict[tuple, tuple[list, list]] = {}
+    for tensor, mask in zip(tensors, masks):
+        ts, ms = groups.setdefault((tensor.dtype, tensor.device), ([], []))
+        ts.append(tensor)
+        ms.append(mask if mask.dtype == tensor.dtype else mask.to(tensor.dtype))
+    for ts, ms in groups.values():
+        torch._foreach_mul_(ts, ms)
+
+
 @torch.no_grad()
 def mask_gradients(modules: Iterable[nn.Module]) -> None:
     """Multiply each masked module's dense-weight gradient by its mask."""
-    for module in modules:
-        grad = _dense(module).grad
-        if grad is not None:
-            grad.mul_(get_mask(module))
+    pairs = [(grad, _mask_values(module)) for module in modules if (grad := _dense(module).grad) is not None]
+    _multiply([g for g, _ in pairs], [m for _, m in pairs])
 
 
 @torch.no_grad()
 def zero_pruned(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
     """Zero the dense weights of masked modules at pruned positions, and every optimizer-state
     tensor of the same shape (momentum, Adam moments)."""
-    masks: dict[int, torch.Tensor] = {}
+    tensors, values, masks = [], [], {}
     for module in modules:
-        weight, mask = _dense(module), get_mask(module)
-        weight.mul_(mask)
+        weight, mask = _dense(module), _mask_values(module)
+        tensors.append(weight)
+        values.append(mask)
         masks[id(weight)] = mask
     for optimizer in optimizers:
         for param, state in optimizer.state.items():
@@ -45,4 +61,6 @@ def zero_pruned(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.O
                 continue
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.mul_(mask)
+                    tensors.append(value)
+                    values.append(mask)
+    _multiply(tensors, values)

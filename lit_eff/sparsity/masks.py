@@ -32,6 +32,7 @@ __all__ = [
     "global_magnitude_masks",
     "magnitude_mask",
     "nm_mask",
+    "nm_masks",
     "random_mask",
     "uniform_densities",
     "validate_density",
@@ -128,17 +129,39 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, name: str | None = None) -> to
     >>> nm_mask(torch.tensor([[4.0, -1.0, 0.5, 3.0, 1.0, 1.0, 1.0, 1.0]]), 1, 4)
     tensor([[ True, False, False, False,  True, False, False, False]])
     """
+    return nm_masks([weight], n, m, None if name is None else [name])[0]
+
+
+def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """:func:`nm_mask` of several weights at once: their groups are ranked in one batch, so
+    the cost is a handful of tensor ops whatever the number of layers (the per-step mask
+    refresh of N:M training is dominated by per-op overhead when done layer by layer).
+    Weights on several devices or dtypes are batched per (device, dtype).
+
+    >>> a, b = nm_masks([torch.tensor([[1.0, -2.0, 3.0, 0.0]]), torch.tensor([[0.0, 5.0, 4.0, 1.0]])], 2, 4)
+    >>> a, b
+    (tensor([[False,  True,  True, False]]), tensor([[False,  True,  True, False]]))
+    """
     validate_nm(n, m)
-    view = _input_last(weight.detach())
-    inputs = view.shape[-1]
-    if inputs % m:
-        what = f"layer `{name}` (weight shape {tuple(weight.shape)})" if name else \
-            f"a weight with shape {tuple(weight.shape)}"
-        raise ValueError(f"Expected `m` to divide the input size of {what}, got m={m} for {inputs} inputs")
-    scores = view.abs().reshape(-1, m)
-    keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
-    keep = keep.reshape(view.shape)
-    return keep if weight.ndim == 2 else keep.movedim(-1, 1).contiguous()
+    views = []
+    for i, weight in enumerate(weights):
+        view = _input_last(weight.detach())
+        if view.shape[-1] % m:
+            what = f"layer `{names[i]}` (weight shape {tuple(weight.shape)})" if names else \
+                f"a weight with shape {tuple(weight.shape)}"
+            raise ValueError(f"Expected `m` to divide the input size of {what}, got m={m} for {view.shape[-1]} inputs")
+        views.append(view)
+    out: list[torch.Tensor | None] = [None] * len(views)
+    groups: dict[tuple, list[int]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault((view.device, view.dtype), []).append(i)
+    for members in groups.values():
+        scores = torch.cat([views[i].abs().reshape(-1, m) for i in members])
+        keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
+        for i, part in zip(members, keep.split([views[i].numel() // m for i in members])):
+            part = part.reshape(views[i].shape)
+            out[i] = part if weights[i].ndim == 2 else part.movedim(-1, 1).contiguous()
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,10 +109,14 @@ def test_mask_travels_with_to_and_state_dict_keys():
     attach_mask(layer, mask=nm_mask(layer.weight, 2, 4), beta=0.5)
     assert sorted(layer.state_dict()) == ["bias", "parametrizations.weight.0.beta", "parametrizations.weight.0.mask",
                                           "parametrizations.weight.original"]
+    # mask_values (the mask as numbers, for fused multiplies) moves and casts with the module
+    # but stays out of the checkpoint
     assert sorted(name for name, _ in layer.named_buffers()) == ["parametrizations.weight.0.beta",
-                                                                 "parametrizations.weight.0.mask"]
+                                                                 "parametrizations.weight.0.mask",
+                                                                 "parametrizations.weight.0.mask_values"]
     layer.to(torch.float64)
     assert layer.weight.dtype == torch.float64 and get_mask(layer).dtype == torch.bool
+    assert get_parametrization(layer).mask_values.dtype == torch.float64
     assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
 
 
@@ -249,3 +253,39 @@ def test_flop_tracker_counts_masked_matmuls_at_their_density():
     assert tracker.effective == 0.5 * first + second
     export(model)
     assert get_density(model[0]) == 1.0
+
+
+def test_in_place_mask_zeroes_the_dense_weight_and_forward_reads_it_as_is():
+    torch.manual_seed(0)
+    layer = _layer()
+    mask = nm_mask(layer.weight, 2, 4)
+    param = attach_mask(layer, mask=mask, in_place=True)
+    dense = layer.parametrizations.weight.original
+    assert (dense[~mask] == 0).all() and (dense[mask] != 0).all()
+    assert layer.weight is dense  # no copy, no graph node: forward costs nothing
+    new = random_mask(mask.shape, 0.25, torch.Generator().manual_seed(1))
+    set_mask(layer, new)  # a new mask zeroes the newly pruned positions too
+    assert (dense[~new] == 0).all() and torch.equal(param.mask, new)
+    # the gradient reaches every entry (the owner masks it before the optimizer step)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert (dense.grad[~new] != 0).any()
+    with pytest.raises(ValueError, match=r"Expected `beta` = 0 for an in_place mask.*beta=0.5"):
+        set_beta(layer, 0.5)
+    with pytest.raises(ValueError, match=r"Expected `beta` = 0 with in_place=True.*beta=0.3"):
+        attach_mask(_layer(), in_place=True, beta=0.3)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_straight_through_value_is_exact_and_gradient_reaches_all_weights(beta):
+    torch.manual_seed(0)
+    layer = _layer()
+    mask = nm_mask(layer.weight, 2, 4)
+    attach_mask(layer, mask=mask, beta=beta)
+    dense = layer.parametrizations.weight.original
+    # bit-exact masked value, not just close
+    assert torch.equal(layer.weight, torch.where(mask, dense, dense * beta))
+    x = torch.randn(5, 16)
+    layer(x).pow(2).sum().backward()
+    effective = torch.where(mask, dense, dense * beta).detach().requires_grad_()
+    torch.nn.functional.linear(x, effective, layer.bias).pow(2).sum().backward()
+    assert torch.equal(dense.grad, effective.grad)  # straight through: d/dW = d/d(effective)
