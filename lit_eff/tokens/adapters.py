@@ -101,6 +101,11 @@ def _timm_vit_adapter(module: nn.Module) -> TokenAdapter | None:
         raise ValueError(f"{type(module).__name__} applies rotary position embeddings inside its blocks, so a "
                          "token subset would lose its positions; no lit_eff.tokens adapter handles it yet "
                          "(see lit_eff/tokens/adapters.py to add one)")
+    if any(getattr(getattr(b, "attn", None), "relative_position_bias_table", None) is not None for b in blocks) \
+            or getattr(module, "rel_pos_bias", None) is not None:
+        raise ValueError(f"{type(module).__name__} uses relative position biases tied to the full token grid, so a "
+                         "token subset cannot use them; no lit_eff.tokens adapter handles it yet "
+                         "(see lit_eff/tokens/adapters.py to add one)")
     has_cls = bool(getattr(module, "has_class_token", getattr(module, "cls_token", None) is not None))
     patch_embed = getattr(module, "patch_embed", None)
     num_patches = getattr(patch_embed, "num_patches", None)

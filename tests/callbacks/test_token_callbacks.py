@@ -1,0 +1,137 @@
+"""TokenDrop, TokenMerge, TokenSkip: bad input, schedules, apply_in, and exact FLOP accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from lit_eff.callbacks import FlopsMonitor, TokenDrop, TokenMerge, TokenSkip
+from lit_eff.flops import flop_counter
+from lit_eff.schedules import Linear
+from tests.helpers import digits, make_trainer, seeded, text, tiny_cnn, tiny_gpt, tiny_vit
+
+
+def _setup(callbacks, model):
+    trainer = make_trainer(callbacks=callbacks, max_steps=1)
+    for cb in callbacks:
+        cb.setup(trainer, model, "fit")
+    return trainer
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: TokenDrop(blocks=[1], keep_ratios=[0.0]), r"Expected `keep_ratios` in \(0, 1\], got keep_ratios=0.0"),
+    (lambda: TokenDrop(blocks=[1], keep_ratios=[1.5]), r"Expected `keep_ratios` in \(0, 1\]"),
+    (lambda: TokenDrop(blocks=[1], keep_ratios=[Linear(1.0, 0.0)]), r"`keep_ratios` in \(0, 1\].*value 0.0"),
+    (lambda: TokenDrop(blocks=[2, 1], keep_ratios=[0.5, 0.25]), "strictly increasing block indices"),
+    (lambda: TokenDrop(blocks=[1, 2], keep_ratios=[0.5]), "one `keep_ratios` value per block"),
+    (lambda: TokenDrop(score="entropy"), r"Expected `score` in \['attn', 'cosine', 'norm', 'random'\]"),
+    (lambda: TokenSkip(keep=0), r"Expected `keep` in \(0, 1\], got keep=0"),
+    (lambda: TokenSkip(method="mod", capacity=1.2), r"Expected `capacity` in \(0, 1\]"),
+    (lambda: TokenSkip(blocks=[1, 1]), "strictly increasing"),
+    (lambda: TokenMerge(r=-1), r"Expected `r` >= 0"),
+    (lambda: TokenMerge(blocks=[-1]), "strictly increasing block indices >= 0"),
+])
+def test_bad_arguments_fail_in_init(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_block_indices_out_of_range_fail_at_setup():
+    with pytest.raises(ValueError, match=r"Expected `blocks` < 2 \(the model has 2 blocks, indices 0..1\), got blocks=\[1, 2\]"):
+        _setup([TokenDrop(blocks=[1, 2], keep_ratios=[0.5, 0.25])], tiny_vit())
+    with pytest.raises(ValueError, match=r"Expected `blocks` < 2"):
+        _setup([TokenSkip(blocks=[5])], tiny_gpt())
+
+
+def test_r_too_large_for_the_sequence_fails_at_setup():
+    with pytest.raises(ValueError, match=r"Expected `r` <= 4 at block 1 \(8 patch tokens reach it\), got r=8"):
+        _setup([TokenMerge(r=8)], tiny_vit())
+
+
+def test_token_drop_and_merge_refuse_a_causal_language_model():
+    with pytest.raises(ValueError, match="TokenDrop removes tokens for good.*use lit_eff.callbacks.TokenSkip"):
+        _setup([TokenDrop()], tiny_gpt())
+    with pytest.raises(ValueError, match="TokenMerge averages tokens.*TokenSkip"):
+        _setup([TokenMerge(r=2)], tiny_gpt())
+
+
+@pytest.mark.parametrize("callback", [TokenDrop(), TokenMerge(r=2), TokenSkip()])
+def test_token_callbacks_refuse_a_model_without_tokens(callback):
+    with pytest.raises(ValueError, match="Found no token sequence in ImageClassifier.*A CNN has no tokens"):
+        _setup([callback], tiny_cnn())
+
+
+def test_two_token_callbacks_on_the_same_blocks_are_refused():
+    with pytest.raises(ValueError, match=r"TokenSkip \(trainer.callbacks\[0\]\) skips tokens in blocks \[1\], which "
+                                         r"TokenDrop \(trainer.callbacks\[1\]\) drops tokens at too"):
+        _setup([TokenSkip(blocks=[1]), TokenDrop(blocks=[1], keep_ratios=[0.5])], tiny_vit())
+    with pytest.raises(ValueError, match="TokenDrop both change the token count"):
+        _setup([TokenMerge(r=2, blocks=[1]), TokenDrop(blocks=[0], keep_ratios=[0.5])], tiny_vit())
+    # disjoint blocks compose
+    _setup([TokenSkip(blocks=[0]), TokenDrop(blocks=[1], keep_ratios=[0.5])], tiny_vit())
+
+
+class CountStep(Callback):
+    """FlopCounterMode (PyTorch's own counter) around each whole training batch: forward, backward, step."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.counter = flop_counter()
+        self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counter.__exit__(None, None, None)
+        self.counts.append(self.counter.get_total_flops())
+
+
+@pytest.mark.parametrize("technique, model, data", [
+    (lambda: TokenDrop(blocks=[1], keep_ratios=[0.25], score="attn"), tiny_vit, digits),
+    (lambda: TokenMerge(r=4, apply_in="both"), tiny_vit, digits),
+    (lambda: TokenSkip(method="ltd", blocks=[1], keep=0.5), tiny_gpt, text),
+    (lambda: TokenSkip(method="mod", blocks=[0, 1], capacity=0.25), tiny_gpt, text),
+])
+def test_flops_monitor_counts_the_reduced_step_exactly(technique, model, data):
+    def run(*extra):
+        seeded(0)
+        monitor, counter = FlopsMonitor(), CountStep()
+        trainer = make_trainer(callbacks=[*extra, monitor, counter], max_steps=2, limit_val_batches=0)
+        trainer.fit(model(), datamodule=data())
+        return monitor, counter
+
+    monitor, counter = run(technique())
+    assert monitor.last_step_executed == counter.counts[-1] > 0
+    dense, _ = run()
+    assert monitor.last_step_executed < dense.last_step_executed  # the work really shrank
+
+
+def test_keep_follows_a_schedule_of_the_optimizer_step():
+    seeded(0)
+    skip = TokenSkip(method="ltd", blocks=[1], keep=Linear(0.25, 1.0, start_step=0, end_step=3))
+    seen = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(skip.machinery.processed[0])
+
+    trainer = make_trainer(callbacks=[skip, Spy()], max_steps=4, limit_val_batches=0)
+    trainer.fit(tiny_gpt(), datamodule=text())
+    assert seen == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_apply_in_train_leaves_evaluation_dense():
+    seeded(0)
+    model = tiny_vit()
+    drop = TokenDrop(blocks=[0], keep_ratios=[0.25], score="cosine", apply_in="train")
+    _setup([drop], model)
+    x = torch.randn(2, 1, 8, 8)
+    model.eval()
+    evaluated = model(x)
+    drop.detach()
+    assert torch.equal(model(x), evaluated)
+    drop = TokenDrop(blocks=[0], keep_ratios=[0.25], score="cosine", apply_in="eval")
+    _setup([drop], model)
+    assert not torch.allclose(model(x), evaluated)
+    drop.detach()
