@@ -1,7 +1,8 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
-from lit_eff import flops, schedules, seeding, sparsity
+from lit_eff import flops, schedules, seeding, sparsity, tokens
 from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, StaticSparsity
+from lit_eff.callbacks import TokenDrop, TokenMerge, TokenSkip
 from lit_eff.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -30,8 +31,12 @@ __all__ = [
     "StaticSparsity",
     "SyntheticImageDataModule",
     "TextDataModule",
+    "TokenDrop",
+    "TokenMerge",
+    "TokenSkip",
     "flops",
     "schedules",
     "seeding",
     "sparsity",
+    "tokens",
 ]
