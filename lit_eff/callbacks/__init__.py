@@ -3,6 +3,8 @@
 from lit_eff.callbacks.dynamic_sparsity import DynamicSparsity
 from lit_eff.callbacks.flops_budget import FlopsBudget
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
+from lit_eff.callbacks.gradient_masking import GradientMasking
+from lit_eff.callbacks.layer_freezing import LayerFreezing
 from lit_eff.callbacks.magnitude_pruning import MagnitudePruning
 from lit_eff.callbacks.nm_sparsity import NMSparsity
 from lit_eff.callbacks.sparsity_monitor import SparsityMonitor
@@ -11,5 +13,6 @@ from lit_eff.callbacks.token_drop import TokenDrop
 from lit_eff.callbacks.token_merge import TokenMerge
 from lit_eff.callbacks.token_skip import TokenSkip
 
-__all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "MagnitudePruning", "NMSparsity", "SparsityMonitor",
+__all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "GradientMasking", "LayerFreezing",
+           "MagnitudePruning", "NMSparsity", "SparsityMonitor",
            "StaticSparsity", "TokenDrop", "TokenMerge", "TokenSkip"]

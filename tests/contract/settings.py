@@ -15,6 +15,8 @@ from lit_eff.callbacks import (
     DynamicSparsity,
     FlopsBudget,
     FlopsMonitor,
+    GradientMasking,
+    LayerFreezing,
     MagnitudePruning,
     NMSparsity,
     SparsityMonitor,
@@ -245,6 +247,59 @@ SETTINGS.update({
     # magnitude masks with ERK densities on the GPT, never released
     "StaticSparsity-magnitude": Setting(StaticSparsity, {"sparsity": 0.5, "mask": "magnitude",
                                                          "distribution": "erk"}, "gpt", check=_check_static),
+})
+
+
+def _check_grad_mask(trainer: Trainer, technique: GradientMasking) -> None:
+    """Every layer holds a pattern of exactly round(density · allowed) entries, from the last
+    refresh step, and the logged kept-norm fraction is a fraction."""
+    from lit_eff import sparsity
+    from lit_eff.gradients import kept_count
+
+    step = trainer.global_step - 1  # the last optimizer step taken
+    refreshed = step - step % technique.refresh_every
+    assert technique.state_dict()["refreshed_at"] == refreshed
+    density = technique.density_at(refreshed)
+    assert technique.layers and technique.patterns.keys() == technique.layers.keys()
+    for name, module in technique.layers.items():
+        pattern = technique.patterns[name]
+        allowed = sparsity.get_mask(module) if sparsity.has_mask(module) else None
+        count = pattern.numel() if allowed is None else int(allowed.sum())
+        assert int(pattern.sum()) == kept_count(count, density), name
+    fraction = float(trainer.callback_metrics["grad_mask/kept_norm_fraction"])
+    assert 0.0 < fraction < 1.0
+
+
+def _check_freezing(trainer: Trainer, technique: LayerFreezing) -> None:
+    """The scheduled units (and the stem) are frozen and in eval mode; the others train."""
+    expected = technique.count(trainer.global_step)
+    assert technique.frozen == expected > 0
+    units = technique.units
+    for i, unit in enumerate(units.modules):
+        frozen = i < expected
+        assert all(p.requires_grad != frozen for p in unit.parameters()), units.names[i]
+        assert all(p.grad is None for p in unit.parameters()) or not frozen, units.names[i]
+        assert unit.training != frozen, units.names[i]
+    assert all(not p.requires_grad for p in technique.stem.values())
+
+
+SETTINGS.update({
+    # refreshes at steps 0 and 4 (resume at 3 and 6 reads a stored pattern) on the ViT
+    "GradientMasking": Setting(GradientMasking, {"density": 0.25, "refresh_every": 4}, "vit", check=_check_grad_mask),
+    # on the GPT, refreshes at 0, 3, 6, among the weights 2:4 SR-STE keeps (a density Schedule is tested in
+    # tests/callbacks/test_gradient_masking.py: the YAML round trip here compares plain values)
+    "GradientMasking-gpt-nm": Setting(
+        GradientMasking, {"density": 0.3, "refresh_every": 3}, "gpt",
+        companions=lambda: [NMSparsity(n=2, m=4, method="srste", dense_steps=0, finetune_steps=0)],
+        check=_check_grad_mask),
+    # ViT (2 blocks): block 0 and the stem freeze at step 2
+    "LayerFreezing": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.25}, "vit",
+                             check=_check_freezing),
+    # GPT (2 blocks): block 0 and the position embedding freeze at step 4
+    "LayerFreezing-gpt": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.5, "freeze_end": 0.5},
+                                 "gpt", check=_check_freezing),
+    # (timm ResNets are tested in tests/callbacks/test_layer_freezing.py: under DDP their BatchNorm running
+    # statistics differ between ranks with or without a technique, which the DDP test here rejects)
 })
 
 
