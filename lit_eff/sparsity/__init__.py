@@ -41,6 +41,7 @@ from lit_eff.sparsity.parametrize import (
     set_beta,
     set_mask,
 )
+from lit_eff.sparsity.semi_structured import is_2to4, layers_2to4, semi_structured_problems, to_semi_structured
 from lit_eff.sparsity.targets import DEFAULT_INCLUDE, LAYER_KINDS, find_targets
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "global_magnitude_masks",
     "harden_state_dict",
     "has_mask",
+    "is_2to4",
+    "layers_2to4",
     "magnitude_mask",
     "mask_gradients",
     "masked_modules",
@@ -64,7 +67,9 @@ __all__ = [
     "random_mask",
     "remove_mask",
     "set_beta",
+    "semi_structured_problems",
     "set_mask",
+    "to_semi_structured",
     "uniform_densities",
     "validate_density",
     "validate_nm",
