@@ -13,6 +13,7 @@ from typing_extensions import override
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import check_choice, is_int, is_number
 from lit_eff.callbacks._claims import refuse_masked
+from lit_eff.callbacks._logging import log_step
 from lit_eff.schedules import Cosine
 from lit_eff.seeding import generator, run_seed
 from lit_eff.sparsity.masks import _prune_smallest, validate_sparsity
@@ -238,8 +239,8 @@ class DynamicSparsity(Callback):
             self._update(step)
             self._enforce(trainer)
         self._last_step = step
-        pl_module.log("sparsity/drop_fraction", self.alpha(step), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("sparsity/mask_changes", self._mask_changes, on_step=True, on_epoch=False, batch_size=1)
+        log_step(trainer, pl_module, {"sparsity/drop_fraction": self.alpha(step),
+                                      "sparsity/mask_changes": self._mask_changes})
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

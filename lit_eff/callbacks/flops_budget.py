@@ -8,6 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lit_eff.callbacks._logging import log_step
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
 
 
@@ -57,7 +58,7 @@ class FlopsBudget(Callback):
         assert self.monitor is not None
         self.monitor.end_batch(trainer, pl_module)
         used = self.spent() / self.budget
-        pl_module.log("flops/budget_used", used, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        log_step(trainer, pl_module, {"flops/budget_used": used})
         if used >= 1.0 and not trainer.should_stop:
             trainer.should_stop = True
             rank_zero_info(f"lit_eff: FLOPs budget of {self.budget:.4g} ({self.kind}) reached at step "

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import check_choice, is_int, is_number
 from lit_eff.callbacks._claims import refuse_masked
+from lit_eff.callbacks._logging import log_step
 from lit_eff.schedules import Polynomial
 from lit_eff.sparsity.masks import validate_nm, validate_sparsity
 
@@ -48,9 +49,8 @@ class MagnitudePruning(Callback):
     multiplied by ``M``, so neither momentum nor weight decay brings a pruned weight back and
     ``lit_eff.sparsity.export`` gives exact zeros.
 
-    Logs ``sparsity/target`` (``s_t``) every optimizer step and ``sparsity/actual`` (zeros
-    among the targeted dense weights) at Lightning's ``log_every_n_steps``, at every mask update
-    and at ``max_steps``. Each layer reports its density to ``FlopsMonitor``.
+    Logs ``sparsity/target`` (``s_t``) and ``sparsity/actual`` (zeros among the targeted dense
+    weights, counted) on the steps Lightning writes to its loggers (``log_every_n_steps``). Each layer reports its density to ``FlopsMonitor``.
 
     Runs on: ``setup`` (targets, checks, all-ones masks attached before the strategy wraps the
     model and before a checkpoint restore), ``on_fit_start`` (resolves ``end_step``),
@@ -259,15 +259,14 @@ class MagnitudePruning(Callback):
         if self.update_step(step) == step:
             self._update(trainer, step)
         self._last_step = step
-        pl_module.log("sparsity/target", self.target(step), on_step=True, on_epoch=False, batch_size=1)
-        every = max(1, trainer.log_every_n_steps)
-        if step % every == 0 or self.update_step(step) == step or step == trainer.max_steps:
-            # counting zeros is a pass over every target: only where it gets logged or changes
-            with torch.no_grad():
-                weights = [module.parametrizations.weight.original for module in self.targets.values()]
-                zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
-                actual = zeros / sum(w.numel() for w in weights)
-            pl_module.log("sparsity/actual", actual, on_step=True, on_epoch=False, batch_size=1)
+        log_step(trainer, pl_module, lambda: {"sparsity/target": self.target(step), "sparsity/actual": self._actual()})
+
+    @torch.no_grad()
+    def _actual(self) -> float:
+        """The fraction of zeros among the targeted dense weights, counted."""
+        weights = [module.parametrizations.weight.original for module in self.targets.values()]
+        zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
+        return float(zeros) / sum(w.numel() for w in weights)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import check_choice
 from lit_eff.callbacks._claims import refuse_masked
+from lit_eff.callbacks._logging import log_step
 from lit_eff.sparsity.masks import validate_nm
 
 _METHODS = ("ste", "srste", "mask_decay")
@@ -290,8 +291,8 @@ class NMSparsity(Callback):
         if trainer.global_step <= self._last_step:
             return  # accumulating micro-batches
         beta, n, m, density = self._current  # what the step that just finished used
-        for key, value in (("beta", beta), ("n", float(n)), ("m", float(m)), ("density", density)):
-            pl_module.log(f"sparsity/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        log_step(trainer, pl_module, {"sparsity/beta": beta, "sparsity/n": float(n), "sparsity/m": float(m),
+                                      "sparsity/density": density})
         self._apply(trainer.global_step)
 
     @override
