@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import is_int
+from lit_eff.callbacks._logging import log_step
 from lit_eff.gradients.topk import topk_mask, validate_density
 from lit_eff.schedules import Schedule
 
@@ -52,7 +53,8 @@ class GradientMasking(Callback):
     (an optimizer step post-hook, before any ``on_train_batch_end``). Between refreshes only
     pattern entries change. The optimizer state of a masked entry still evolves as if its
     gradient were 0 (Adam moments decay); it is not reset. Cost: one copy of the targeted
-    weights per step, and that much extra memory.
+    weights per step (fused ``torch._foreach`` copy and exact ``lerp`` restore), and that
+    much extra memory.
 
     ``density`` may be a :class:`lit_eff.schedules.Schedule` of the optimizer step, read at each
     refresh. Only weights are masked (biases and norms are left alone). Patterns live in this
@@ -62,7 +64,7 @@ class GradientMasking(Callback):
 
     Logs ``grad_mask/density`` (the density of the pattern in force) and
     ``grad_mask/kept_norm_fraction`` (``‖g ⊙ keep‖ / ‖g ⊙ allowed‖`` over all targeted layers)
-    every optimizer step.
+    on the steps Lightning writes to its loggers (``log_every_n_steps``).
 
     Args:
         density: fraction of gradient entries kept, in (0, 1], or a Schedule of the step.
@@ -104,8 +106,13 @@ class GradientMasking(Callback):
         self.patterns: dict[str, torch.Tensor] = {}
         self._density: float | None = None  # density of the patterns in force
         self._refreshed_at: int | None = None
-        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._saved: dict[int, tuple[list, list, list]] = {}  # per optimizer: weights, copies, drop masks
         self._hooks: list[Any] = []
+        self._plans: dict[int, list[tuple[str, nn.Module, nn.Parameter]]] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked layers: pattern, 1 - pattern (float)
+        self._fraction: torch.Tensor | None = None
+        self._last_step = -1
 
     def density_at(self, step: int) -> float:
         """The density a refresh at optimizer step ``step`` uses."""
@@ -137,7 +144,7 @@ class GradientMasking(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._saved = {}
+        self._saved, self._plans, self._buffers = {}, {}, {}
 
     # masking --------------------------------------------------------------------------------
     @staticmethod
@@ -156,33 +163,50 @@ class GradientMasking(Callback):
             grad = dense_weight(module).grad
             if grad is not None:
                 self.patterns[name] = topk_mask(grad, density, self.allowed(module))
+        self._keeps = {}
         self._density = density
         self._refreshed_at = step
+
+    def _layers_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Module, nn.Parameter]]:
+        """The targeted layers whose weight ``optimizer`` updates (cached per optimizer)."""
+        key = id(optimizer)
+        if key not in self._plans:
+            mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._plans[key] = [(name, module, dense_weight(module)) for name, module in self.layers.items()
+                                if id(dense_weight(module)) in mine]
+        return self._plans[key]
 
     @override
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
-        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if self._due(step):
             self.refresh(step)
-        grads, keeps, saved, among_allowed = [], [], [], []
-        for name, module in self.layers.items():
-            weight = dense_weight(module)
-            if weight.grad is None or id(weight) not in mine:
-                continue  # frozen (LayerFreezing) or another optimizer's
+        weights, grads, keeps, drops, among_allowed = [], [], [], [], []
+        for name, module, weight in self._layers_of(optimizer):
+            grad = weight.grad
+            if grad is None:
+                continue  # frozen (LayerFreezing)
             if name not in self.patterns:  # no gradient at the last refresh: its pattern starts now
-                self.patterns[name] = topk_mask(weight.grad, self._density, self.allowed(module))
+                self.patterns[name] = topk_mask(grad, self._density, self.allowed(module))
             pattern = self.patterns[name]
             if pattern.device != weight.device:
                 pattern = self.patterns[name] = pattern.to(weight.device)
             allowed = self.allowed(module)
-            keep = pattern if allowed is None else pattern & allowed
-            if allowed is not None:
-                among_allowed.append((len(grads), weight.grad.mul(allowed).norm()))
-            grads.append(weight.grad)
+            if allowed is None:
+                cached = self._keeps.get(name)
+                if cached is None or cached[0].dtype != weight.dtype or cached[0].device != weight.device:
+                    keep = pattern.to(weight.dtype)
+                    cached = self._keeps[name] = (keep, 1 - keep)
+                keep, drop = cached
+            else:
+                keep = (pattern & allowed).to(weight.dtype)
+                drop = 1 - keep
+                among_allowed.append((len(grads), grad.mul(allowed).norm()))
+            weights.append(weight)
+            grads.append(grad)
             keeps.append(keep)
-            saved.append((weight, keep, weight.detach().clone()))
+            drops.append(drop)
         if not grads:
             return
         before = torch.stack(torch._foreach_norm(grads))
@@ -191,16 +215,40 @@ class GradientMasking(Callback):
         torch._foreach_mul_(grads, keeps)
         after = torch.stack(torch._foreach_norm(grads))
         total = before.square().sum().sqrt()
-        fraction = torch.where(total > 0, after.square().sum().sqrt() / total, torch.ones_like(total))
-        self._saved[id(optimizer)] = saved
-        pl_module.log("grad_mask/density", self._density, on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("grad_mask/kept_norm_fraction", fraction, on_step=True, on_epoch=False, batch_size=1)
+        self._fraction = torch.where(total > 0, after.square().sum().sqrt() / total, torch.ones_like(total))
+        saved = self._copies(weights)
+        torch._foreach_copy_(saved, [w.detach() for w in weights])
+        self._saved[id(optimizer)] = (weights, saved, drops)
+
+    def _copies(self, weights: list[nn.Parameter]) -> list[torch.Tensor]:
+        """Reused buffers for the pre-step weights (one per weight, allocated once)."""
+        copies = []
+        for weight in weights:
+            buffer = self._buffers.get(id(weight))
+            if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype \
+                    or buffer.device != weight.device:
+                buffer = self._buffers[id(weight)] = torch.empty_like(weight, requires_grad=False)
+            copies.append(buffer)
+        return copies
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook: entries outside the pattern get their pre-step values back."""
-        for weight, keep, before in self._saved.pop(id(optimizer), []):
-            weight.copy_(torch.where(keep, weight, before))
+        """Optimizer step post-hook: entries outside the pattern get their pre-step values back.
+
+        ``lerp(w, before, t)`` with ``t`` 0 (kept) or 1 (dropped) is exact at both ends: PyTorch
+        computes ``w + t·(before − w)`` for ``t < 0.5`` and ``before − (before − w)·(1 − t)`` else."""
+        weights, saved, drops = self._saved.pop(id(optimizer), ((), (), ()))
+        if weights:
+            torch._foreach_lerp_([w.detach() for w in weights], saved, drops)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step <= self._last_step or self._fraction is None:
+            return  # accumulating micro-batches
+        self._last_step = trainer.global_step
+        log_step(trainer, pl_module, lambda: {"grad_mask/density": self._density,
+                                              "grad_mask/kept_norm_fraction": self._fraction})
 
     # state ----------------------------------------------------------------------------------
     @property
@@ -217,5 +265,6 @@ class GradientMasking(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.patterns = {name: p.bool() for name, p in state_dict.get("patterns", {}).items()}
+        self._keeps = {}
         self._density = state_dict.get("density")
         self._refreshed_at = state_dict.get("refreshed_at")
