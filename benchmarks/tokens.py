@@ -13,6 +13,8 @@ FlopsMonitor logs); ``ratio`` = measured speedup / predicted speedup (target >= 
 - GPT: the kit's GPT, width 192, 6 blocks, 6 heads, block size 256, batch 8. TokenSkip random-LTD
   50% on blocks 1..4 (DeepSpeed's default: all but the first and last) and on all blocks, and
   Mixture-of-Depths at capacity 50% on every block.
+- ViT inference (no grad, batch 64): TokenMerge training-free (r=4 in every block; r=8 in the
+  first 6 blocks) and TokenDrop at evaluation; predicted from forward FLOPs.
 
     OMP_NUM_THREADS=1 python benchmarks/tokens.py [--rounds 5] [--steps 3]
 """
@@ -51,6 +53,12 @@ VIT_VARIANTS = {
     "TokenMerge r=4 every block (train)": lambda m: attach_merge(m, r=4, mode="both"),
     "TokenSkip LTD 0.5 blocks 1-10": lambda m: attach_skip(m, list(range(1, 11)), "ltd", keep=0.5),
 }
+VIT_EVAL_VARIANTS = {
+    "dense": None,
+    "TokenMerge r=4 every block (eval)": lambda m: attach_merge(m, r=4, mode="eval"),
+    "TokenMerge r=8 blocks 0-5 (eval)": lambda m: attach_merge(m, r=8, blocks=list(range(6)), mode="eval"),
+    "TokenDrop keep 0.5 from block 4 (eval)": lambda m: attach_drop(m, [4], [0.5], score="attn", mode="eval"),
+}
 GPT_VARIANTS = {
     "dense": None,
     "TokenSkip LTD 0.5 blocks 1-4": lambda m: attach_skip(m, [1, 2, 3, 4], "ltd", keep=0.5),
@@ -59,16 +67,21 @@ GPT_VARIANTS = {
 }
 
 
-def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int) -> None:
+def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, train: bool = True) -> None:
+    """Training steps (``train``) or no-grad inference forwards of each variant."""
     x, y = make_batch()
     flops, times = {}, {name: [] for name in variants}
     models = {}
     for name, attach in variants.items():
-        model = make_model().train()
+        model = make_model().train(train)
         reducer = attach(model) if attach else None
         if reducer is not None and hasattr(reducer, "keys"):
             reducer.keys = (0, 0, 0)
-        flops[name] = count_flops(lambda: loss_fn(model(x), y)).total
+        if train:
+            flops[name] = count_flops(lambda: loss_fn(model(x), y)).total
+        else:
+            with torch.no_grad():
+                flops[name] = count_flops(lambda: model(x), backward=False).total
         models[name] = (model, reducer, torch.optim.AdamW(model.parameters(), lr=1e-4))
     for r in range(rounds + 1):  # round 0 warms up
         for name, (model, reducer, opt) in models.items():
@@ -76,13 +89,17 @@ def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int) ->
             for s in range(steps):
                 if reducer is not None and hasattr(reducer, "keys"):
                     reducer.keys = (0, r, s)
+                if not train:
+                    with torch.no_grad():
+                        model(x)
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).backward()
                 opt.step()
             if r:
                 times[name].append((time.perf_counter() - start) / steps)
     base_t, base_f = statistics.median(times["dense"]), flops["dense"]
-    print(f"{'variant':42s} {'GFLOP':>7s} {'pred':>6s} {'ms/step':>8s} {'meas':>6s} {'ratio':>6s}")
+    print(f"{'variant':42s} {'GFLOP':>7s} {'pred':>6s} {'ms/' + ('step' if train else 'fwd'):>8s} {'meas':>6s} {'ratio':>6s}")
     for name in variants:
         t = statistics.median(times[name])
         pred, meas = base_f / flops[name], base_t / t
@@ -104,6 +121,9 @@ def main() -> None:
         print("\nViT width 192, depth 12, 32x32 images, patch 4 (64 patch tokens + cls), batch 32")
         bench(vit, VIT_VARIANTS, lambda: (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))),
               lambda out, y: F.cross_entropy(out, y), args.rounds, args.steps)
+        print("\nthe same ViT, inference (no grad), batch 64")
+        bench(vit, VIT_EVAL_VARIANTS, lambda: (torch.randn(64, 3, 32, 32), None), None, args.rounds, args.steps,
+              train=False)
     if args.only in (None, "gpt"):
         print("\nGPT width 192, 6 blocks, block size 256, batch 8")
         bench(gpt, GPT_VARIANTS, lambda: (torch.randint(0, 256, (8, 256)), torch.randint(0, 256, (8, 256))),
