@@ -128,6 +128,20 @@ def test_fine_tune_across_runs_from_a_sparse_checkpoint(tmp_path):
         assert (layers[name].weight[mask] != 0).float().mean() > 0.5, name
 
 
+def test_causal_lm_init_weights_from_a_masked_state_dict(tmp_path):
+    """A plain state dict with lit_eff masks (no Trainer) loads hardened into a CausalLM."""
+    seeded(0)
+    source = tiny_gpt()
+    layer = source.model.blocks[0].mlp.fc1
+    sparsity.attach_mask(layer, mask=sparsity.magnitude_mask(layer.weight, 0.5), ste=False)
+    path = tmp_path / "masked.pt"
+    torch.save(source.state_dict(), path)
+    loaded = tiny_gpt(init_weights=str(path))
+    assert torch.equal(loaded.model.blocks[0].mlp.fc1.weight, layer.weight)
+    assert int((loaded.model.blocks[0].mlp.fc1.weight == 0).sum()) == layer.weight.numel() // 2
+    assert loaded.model.head.weight is loaded.model.wte.weight  # the tie survives loading
+
+
 def test_init_weights_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         tiny_vit(init_weights=str(tmp_path / "missing.ckpt"))
