@@ -11,7 +11,7 @@ from lit_eff.callbacks._checks import check_choice
 from lit_eff.callbacks._tokens import (TokenCallback, check_blocks, check_blocks_in_range, check_fraction,
                                        value_at)
 from lit_eff.schedules import Schedule
-from lit_eff.tokens.drop import MODES, TokenDropper
+from lit_eff.tokens.drop import MODES, QUERIES, TokenDropper
 from lit_eff.tokens.select import SCORES
 
 
@@ -31,7 +31,10 @@ class TokenDrop(TokenCallback):
     - ``"random"``: uniform, from a generator keyed by (run seed, step, batch, block), the same
       on every DDP rank.
 
-    Without a class token, ``"attn"`` and ``"cosine"`` use the mean token as the query. A keep
+    The query of ``"attn"`` and ``"cosine"`` (``query``) is the class token, or the mean token:
+    ``"auto"`` takes the mean token when the model pools by averaging (its class token does not
+    feed the head; on the digits ViT, class-token attention picked worse tokens than random) or
+    has no class token. A keep
     ratio may be a :class:`~lit_eff.schedules.Schedule` of the optimizer step (for example from
     1.0 down to 0.5). ``apply_in`` chooses training, evaluation or both. Vision only: a causal
     language model cannot lose tokens for good (use :class:`TokenSkip`).
@@ -53,6 +56,7 @@ class TokenDrop(TokenCallback):
             numbers or Schedules, one per block.
         score: ``"attn"``, ``"cosine"``, ``"norm"`` or ``"random"``.
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
+        query: ``"auto"``, ``"cls"`` or ``"mean"``: the token whose view scores the others.
 
     Example (keep 1 -> 0.5 -> 0.25 at a third and two thirds of a 12-block ViT)::
 
@@ -70,6 +74,7 @@ class TokenDrop(TokenCallback):
         keep_ratios: list[float | Schedule] | None = None,
         score: Literal["attn", "cosine", "norm", "random"] = "attn",
         apply_in: Literal["train", "eval", "both"] = "both",
+        query: Literal["auto", "cls", "mean"] = "auto",
     ) -> None:
         super().__init__()
         check_blocks("blocks", blocks)
@@ -86,10 +91,12 @@ class TokenDrop(TokenCallback):
                              f"at the middle block), got keep_ratios={list(keep_ratios)}")
         check_choice("score", score, SCORES)
         check_choice("apply_in", apply_in, MODES)
+        check_choice("query", query, QUERIES)
         self.blocks = None if blocks is None else list(blocks)
         self.keep_ratios = list(keep_ratios)
         self.score = score
         self.apply_in = apply_in
+        self.query = query
 
     @override
     def conflicts_with(self, other: TokenCallback) -> str | None:
@@ -113,7 +120,8 @@ class TokenDrop(TokenCallback):
         check_blocks_in_range("blocks", blocks, adapter)
         self.claim(trainer, blocks)
         self.machinery = TokenDropper(adapter, blocks, [value_at(r, trainer.global_step, "keep_ratios")
-                                                        for r in self.keep_ratios], self.score, self.apply_in)
+                                                        for r in self.keep_ratios], self.score, self.apply_in,
+                                      query=self.query)
         self._apply_restored()
 
     @override

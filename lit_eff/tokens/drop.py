@@ -22,6 +22,7 @@ from lit_eff.tokens.select import check_attn_block, gather_tokens, score_tokens,
 __all__ = ["TokenDropper", "attach_drop"]
 
 MODES = ("train", "eval", "both")
+QUERIES = ("auto", "cls", "mean")
 
 
 class TokenDropper:
@@ -33,16 +34,23 @@ class TokenDropper:
         kept_fraction: patch tokens kept after each stage in the last forward, over N₀.
         layer_tokens: tokens that entered a block during training forwards (running total).
         last_choice: a fingerprint of the last random choice (equal on every DDP rank).
+        query_token: index of the token whose view scores the others (``"attn"``, ``"cosine"``),
+            ``None`` for the mean token: ``query="auto"`` uses the mean token when the model pools
+            by averaging (its class token does not feed the head) or has no class token.
     """
 
     def __init__(self, adapter: TokenAdapter, blocks: Sequence[int], ratios: Sequence[float], score: str = "attn",
-                 mode: str = "both", name: str = "token_drop") -> None:
+                 mode: str = "both", name: str = "token_drop", query: str = "auto") -> None:
         self.adapter = adapter
         self.stages = list(blocks)
         self.ratios = [float(r) for r in ratios]
         self.score = score
         self.mode = mode
         self.name = name
+        if query not in QUERIES:
+            raise ValueError(f"Expected `query` in {list(QUERIES)}, got query={query!r}")
+        mean = query == "mean" or (query == "auto" and adapter.global_pool == "avg")
+        self.query_token = None if mean or adapter.class_token is None else adapter.class_token
         self.keys: tuple = (0,)
         self.kept_fraction = [1.0] * len(self.stages)
         self.layer_tokens = 0
@@ -87,7 +95,7 @@ class TokenDropper:
             self.kept_fraction[stage] = patches / max(n0, 1)
             return x
         gen = generator(*self.keys, self.name, index) if self.score == "random" else None
-        scores = score_tokens(self.score, x, block, self.adapter.class_token, gen)[:, prefix:]
+        scores = score_tokens(self.score, x, block, self.query_token, gen)[:, prefix:]
         index_kept = topk_sorted(scores, keep) + prefix
         if self.score == "random":
             weights = torch.arange(1, keep + 1, device=x.device, dtype=torch.float64)
@@ -105,7 +113,7 @@ class TokenDropper:
 
 
 def attach_drop(model: nn.Module | TokenAdapter, blocks: Sequence[int], ratios: Sequence[float], score: str = "attn",
-                mode: str = "both") -> TokenDropper:
+                mode: str = "both", query: str = "auto") -> TokenDropper:
     """Drop tokens in ``model`` (or an adapter) at ``blocks`` keeping ``ratios`` of the patch tokens;
     ``.remove()`` detaches it. Works outside a Trainer (benchmarks, inference)::
 
@@ -114,4 +122,4 @@ def attach_drop(model: nn.Module | TokenAdapter, blocks: Sequence[int], ratios: 
     from lit_eff.tokens.adapters import find_adapter
 
     adapter = model if isinstance(model, TokenAdapter) else find_adapter(model)
-    return TokenDropper(adapter, blocks, ratios, score, mode)
+    return TokenDropper(adapter, blocks, ratios, score, mode, query=query)

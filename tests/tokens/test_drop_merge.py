@@ -165,3 +165,15 @@ def test_merge_average_pooling_is_size_weighted():
 def test_merge_refuses_r_larger_than_half_the_tokens():
     with pytest.raises(ValueError, match=r"Expected `r` <= 6 at block 1 \(12 patch tokens reach it\), got r=7"):
         attach_merge(_vit(), r=[4, 7])
+
+
+def test_query_token_is_the_mean_for_average_pooling_and_the_class_token_otherwise():
+    assert attach_drop(_vit(), [1], [0.5]).query_token is None  # the tiny ViT pools by averaging
+    assert attach_drop(_vit(), [1], [0.5], query="cls").query_token == 0
+    from timm import create_model
+
+    token_pooled = create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=32, depth=2,
+                                num_heads=2, in_chans=1, num_classes=10, global_pool="token")
+    assert attach_drop(token_pooled, [1], [0.5]).query_token == 0
+    with pytest.raises(ValueError, match=r"Expected `query` in \['auto', 'cls', 'mean'\], got query='first'"):
+        attach_drop(_vit(), [1], [0.5], query="first")
