@@ -1,6 +1,6 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
-from lit_eff import flops, schedules, seeding, sparsity, tokens
+from lit_eff import flops, schedules, seeding, sparsity, supernet, tokens
 from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, StaticSparsity
 from lit_eff.callbacks import TokenDrop, TokenMerge, TokenSkip
 from lit_eff.datamodules import (
@@ -12,6 +12,7 @@ from lit_eff.datamodules import (
     TextDataModule,
 )
 from lit_eff.models import GPT, CausalLM, ImageClassifier
+from lit_eff.supernet import SupernetModule
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "MagnitudePruning",
     "NMSparsity",
     "StaticSparsity",
+    "SupernetModule",
     "SyntheticImageDataModule",
     "TextDataModule",
     "TokenDrop",
@@ -38,5 +40,6 @@ __all__ = [
     "schedules",
     "seeding",
     "sparsity",
+    "supernet",
     "tokens",
 ]
