@@ -181,3 +181,19 @@ def test_configs_parse(config, tmp_path):
     cli = LitEffCLI(args=["--config", path, "--model.sampler", "lit_eff.supernet.ComplexityAware"], run=False)
     assert isinstance(cli.model, SupernetModule) and isinstance(cli.model.sampler, ComplexityAware)
     assert cli.model.space.to_dict() == yaml.safe_load(open(path))["model"]["init_args"]["space"]
+
+
+def test_tensorboard_gets_the_accuracy_vs_flops_figure(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seeded(0)
+    module = tiny_supernet("vit")
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    make_trainer(max_steps=6, logger=logger).fit(module, datamodule=digits())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "supernet/val_acc_vs_flops" in events.Tags()["images"]
+    scalars = events.Tags()["scalars"]
+    for cfg in module.val_configs:
+        assert f"supernet/val_acc@{module.subnet_flops(cfg) / 1e6:.3g}" in scalars
