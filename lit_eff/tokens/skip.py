@@ -164,8 +164,7 @@ class TokenSkipper:
         router = getattr(block, ROUTER_NAME)
         logits = router(x[:, prefix:]).squeeze(-1).float()  # B, T
         tokens = logits.shape[1]
-        with torch.no_grad():
-            self.router_fraction = float((logits > 0).float().mean())
+        self.router_fraction = (logits.detach() > 0).float().mean()  # a tensor: no device sync per block
         if block.training or self.eval_routing == "topk":
             k = self.kept_count(tokens, self.capacity)
             chosen = topk_sorted(logits.detach(), k)
@@ -190,7 +189,7 @@ class TokenSkipper:
         if block.training and torch.is_grad_enabled() and self.aux_scale > 0:
             target = torch.zeros_like(logits).scatter_(1, chosen, 1.0)
             aux = F.binary_cross_entropy_with_logits(logits, target)
-            self.aux_loss = float(aux.detach())
+            self.aux_loss = aux.detach()
             out = _AddAuxLoss.apply(out, aux, self.aux_scale)
         processed = kept.shape[1] if valid is None else prefix + float(valid.sum(dim=1).float().mean())
         return scatter_tokens(x, kept, out), processed
