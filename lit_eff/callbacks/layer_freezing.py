@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lit_eff.callbacks._checks import is_int
 from lit_eff.callbacks._claims import describe_in
+from lit_eff.callbacks._logging import log_step
 from lit_eff.callbacks.gradient_masking import refuse_sharded
 from lit_eff.gradients.freezing import Units, find_units, frozen_count, stem_modules, stem_parameters, validate_fraction
 
@@ -51,7 +52,7 @@ class LayerFreezing(Callback):
     is refused at the start of training.
 
     Logs ``freezing/frozen_units`` and ``freezing/frozen_fraction`` (frozen share of the
-    parameters trainable at the start) every optimizer step.
+    parameters trainable at the start) on the steps Lightning writes (``log_every_n_steps``).
 
     Args:
         final_fraction: fraction of units frozen at the end, in (0, 1].
@@ -236,10 +237,10 @@ class LayerFreezing(Callback):
         count = self.count(step)
         if count > self.frozen:
             self._freeze(count)
-        frozen = sum(p.numel() for p in self._unit_parameters(self.frozen))
-        pl_module.log("freezing/frozen_units", float(self.frozen), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("freezing/frozen_fraction", frozen / max(1, self._trainable), on_step=True, on_epoch=False,
-                      batch_size=1)
+        log_step(trainer, pl_module, lambda: {
+            "freezing/frozen_units": float(self.frozen),
+            "freezing/frozen_fraction": sum(p.numel() for p in self._unit_parameters(self.frozen))
+            / max(1, self._trainable)})
 
     # state ----------------------------------------------------------------------------------
     @property
