@@ -13,6 +13,7 @@ from typing_extensions import override
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import check_choice, is_int, is_number
 from lit_eff.callbacks._claims import refuse_masked
+from lit_eff.callbacks._logging import log_step
 from lit_eff.seeding import generator, run_seed
 from lit_eff.sparsity.masks import validate_sparsity
 
@@ -48,7 +49,7 @@ class StaticSparsity(Callback):
     docs/techniques/spdf.md).
 
     Logs ``sparsity/target`` (``sparsity`` before the release, 0 after) and
-    ``sparsity/released`` (0 or 1) every optimizer step.
+    ``sparsity/released`` (0 or 1) on the steps Lightning writes logs.
 
     Runs on: ``setup`` (targets, claims, masks attached before the strategy wraps the model and
     before a checkpoint restore), ``on_fit_start`` (resolves ``release_fraction``),
@@ -198,9 +199,8 @@ class StaticSparsity(Callback):
             if self._due(step):
                 self._release_masks(step)
         self._last_step = step
-        pl_module.log("sparsity/target", 0.0 if self.released else self.sparsity, on_step=True, on_epoch=False,
-                      batch_size=1)
-        pl_module.log("sparsity/released", float(self.released), on_step=True, on_epoch=False, batch_size=1)
+        log_step(trainer, pl_module, {"sparsity/target": 0.0 if self.released else self.sparsity,
+                                      "sparsity/released": float(self.released)})
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
