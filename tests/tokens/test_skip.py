@@ -96,3 +96,15 @@ def test_skip_on_vit_keeps_the_class_token_processed():
     changed = (out != x).any(-1)
     assert changed[:, 0].all() and changed.sum(1).tolist() == [9, 9]
     skipper.remove()
+
+
+def test_mod_on_vit_routes_top_k_patches_and_always_processes_the_class_token():
+    torch.manual_seed(0)
+    vit = tiny_vit().model.eval()
+    skipper = attach_skip(vit, blocks=[1], method="mod", capacity=0.25)
+    assert skipper.eval_routing == "topk"  # not causal: evaluation routes like training
+    x = torch.randn(2, 17, 32)
+    out = vit.blocks[1](x)
+    changed = (out != x).any(-1)
+    assert changed[:, 0].all() and changed.sum(1).tolist() == [1 + 4, 1 + 4]
+    skipper.remove(keep_routers=False)
