@@ -2,7 +2,10 @@
 
 Each step the sampler picks subnets (the sandwich rule by default: largest, smallest, ``k``
 random). The largest learns from labels; the others distil in place from its detached logits
-(KL at ``temperature``, or AlphaNet's adaptive alpha-divergence). Their weighted losses are summed
+(KL at ``temperature``, or AlphaNet's adaptive alpha-divergence), mixed with the label loss:
+``distill_weight * KD + (1 - distill_weight) * CE``. ``distill_weight: 1.0`` is pure in-place
+distillation (AttentiveNAS); trained from scratch on digits it stalled the largest subnet near
+chance (docs/techniques/supernet.md), so the default keeps half the label loss. Their weighted losses are summed
 into ONE backward, so under DDP there is one gradient all-reduce per step and the largest
 subnet gives every parameter a gradient (no ``find_unused_parameters``). Every rank trains the
 same subnets: the sampler seeds its decisions from (run seed, global step).
@@ -69,6 +72,7 @@ class SupernetModule(LightningModule):
         sampler: SubnetSampler | None = None,
         distill: Literal["kl", "alpha", "none"] = "kl",
         temperature: float = 1.0,
+        distill_weight: float = 0.5,
         alpha_min: float = -1.0,
         alpha_max: float = 1.0,
         alpha_clip: float = 5.0,
@@ -85,6 +89,8 @@ class SupernetModule(LightningModule):
         check_optim_args(lr, weight_decay, warmup)
         if temperature <= 0:
             raise ValueError(f"Expected `temperature` > 0, got temperature={temperature}")
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"Expected `distill_weight` in [0, 1], got distill_weight={distill_weight}")
         if not alpha_min <= alpha_max:
             raise ValueError(f"Expected `alpha_min` <= `alpha_max`, got alpha_min={alpha_min}, alpha_max={alpha_max}")
         if not is_int(val_subnets) or val_subnets < 1:
@@ -146,7 +152,10 @@ class SupernetModule(LightningModule):
                 teacher = logits.detach()
                 self.log("supernet/train_loss_max", loss.detach(), batch_size=len(x))
             elif teacher is not None and self.hparams.distill != "none":
-                loss = self._distill(logits, teacher)
+                w = self.hparams.distill_weight
+                loss = w * self._distill(logits, teacher)
+                if w < 1.0:
+                    loss = loss + (1.0 - w) * self._ce(logits, y, self.hparams.label_smoothing)
             else:
                 loss = self._ce(logits, y, self.hparams.label_smoothing)
             total = total + draw.weight * loss

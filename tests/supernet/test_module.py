@@ -169,6 +169,8 @@ def test_bad_module_args():
         SupernetModule("cnn")
     with pytest.raises(ValueError, match=r"Expected `distill` in \['kl', 'alpha', 'none'\]"):
         SupernetModule(distill="mse")
+    with pytest.raises(ValueError, match=r"Expected `distill_weight` in \[0, 1\], got distill_weight=2"):
+        SupernetModule(distill_weight=2)
     with pytest.raises(ValueError, match=r"Expected `temperature` > 0"):
         SupernetModule(temperature=0.0)
     with pytest.raises(ValueError, match=r"Expected `embed_dim` to be strictly increasing"):
