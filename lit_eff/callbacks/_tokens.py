@@ -64,6 +64,15 @@ class TokenCallback(Callback):
         self._restored: dict[str, int] = {}
         self._logged_tokens = (0, 0)
 
+    def attached_to(self, pl_module: LightningModule) -> bool:
+        """Already attached to this module (a second stage of one run); attached elsewhere: detach."""
+        if self.machinery is None:
+            return False
+        if any(m is self.machinery.adapter.model for m in pl_module.modules()):
+            return True
+        self.detach()
+        return False
+
     def adapter_for(self, pl_module: LightningModule) -> TokenAdapter:
         return find_adapter(pl_module)
 

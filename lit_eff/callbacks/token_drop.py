@@ -109,7 +109,7 @@ class TokenDrop(TokenCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.machinery is not None:
+        if self.attached_to(pl_module):
             return
         adapter = self.adapter_for(pl_module)
         if adapter.causal:

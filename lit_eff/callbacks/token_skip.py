@@ -110,7 +110,7 @@ class TokenSkip(TokenCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.machinery is not None:
+        if self.attached_to(pl_module):
             return
         adapter = self.adapter_for(pl_module)
         blocks = self.blocks if self.blocks is not None else self.default_blocks(adapter.depth)

@@ -135,3 +135,15 @@ def test_apply_in_train_leaves_evaluation_dense():
     _setup([drop], model)
     assert not torch.allclose(model(x), evaluated)
     drop.detach()
+
+
+def test_mod_stays_attached_after_fit_and_follows_a_new_model():
+    seeded(0)
+    skip = TokenSkip(method="mod", blocks=[1], capacity=0.25)
+    first = tiny_gpt()
+    make_trainer(callbacks=[skip], max_steps=1, limit_val_batches=0).fit(first, datamodule=text())
+    assert "forward" in first.model.blocks[1].__dict__  # the routing is part of the trained model
+    second = tiny_gpt()
+    _setup([skip], second)
+    assert skip.machinery.adapter.model is second.model and "forward" not in first.model.blocks[1].__dict__
+    skip.detach()
