@@ -18,12 +18,20 @@ from lit_eff.supernet.space import SearchSpace, SubnetConfig
 
 
 def _ln(x: torch.Tensor, norm: nn.LayerNorm, d: int) -> torch.Tensor:
+    if d == norm.weight.shape[0]:  # full width: no slice (its backward would copy a full-size gradient)
+        return F.layer_norm(x, (d,), norm.weight, norm.bias, norm.eps)
     return F.layer_norm(x, (d,), norm.weight[:d], norm.bias[:d] if norm.bias is not None else None, norm.eps)
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear, out: int, inp: int) -> torch.Tensor:
+    if (out, inp) == tuple(layer.weight.shape):
+        return F.linear(x, layer.weight, layer.bias)
     bias = layer.bias[:out] if layer.bias is not None else None
     return F.linear(x, layer.weight[:out, :inp], bias)
+
+
+def _cols(weight: torch.Tensor, d: int) -> torch.Tensor:
+    return weight if d == weight.shape[1] else weight[:, :d]
 
 
 def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
@@ -118,8 +126,11 @@ class ElasticViT(_Elastic):
 
     def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
         p = self.patch_size
-        x = F.conv2d(x, self.patch_embed.weight[:d], self.patch_embed.bias[:d], stride=p)
-        return x.flatten(2).transpose(1, 2) + self.pos_embed[..., :d]
+        full = d == self.patch_embed.weight.shape[0]
+        weight, bias = (self.patch_embed.weight, self.patch_embed.bias) if full else (
+            self.patch_embed.weight[:d], self.patch_embed.bias[:d])
+        x = F.conv2d(x, weight, bias, stride=p)
+        return x.flatten(2).transpose(1, 2) + _cols(self.pos_embed[0], d)
 
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
         return _linear(_ln(x.mean(1), self.fc_norm, d), self.head, self.num_classes, d)
@@ -160,10 +171,10 @@ class ElasticGPT(_Elastic):
         if t > self.block_size:
             raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {t}")
         pos = torch.arange(t, device=idx.device)
-        return F.embedding(idx, self.wte.weight[:, :d]) + F.embedding(pos, self.wpe.weight[:, :d])
+        return F.embedding(idx, _cols(self.wte.weight, d)) + F.embedding(pos, _cols(self.wpe.weight, d))
 
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return F.linear(_ln(x, self.norm, d), self.wte.weight[:, :d])
+        return F.linear(_ln(x, self.norm, d), _cols(self.wte.weight, d))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.subnet
