@@ -48,7 +48,8 @@ class LayerFreezing(Callback):
     need uniform ``requires_grad`` within a flat parameter. A schedule that would freeze every
     trainable parameter, or no unit at all, is refused. Frozen layers keep their sparsity masks:
     a sparsity callback whose masks on these units still change once freezing starts
-    (MagnitudePruning or DynamicSparsity updating later, an NMSparsity frame or β still moving)
+    (MagnitudePruning or DynamicSparsity updating later, an NMSparsity frame or β still moving,
+    a StaticSparsity release)
     is refused at the start of training.
 
     Logs ``freezing/frozen_units`` and ``freezing/frozen_fraction`` (frozen share of the
@@ -196,6 +197,10 @@ class LayerFreezing(Callback):
             elif hasattr(cb, "is_update"):  # DynamicSparsity: updates at steps < end_step
                 if cb.end_step > first:
                     why = f"it updates masks until step {cb.end_step}"
+            elif hasattr(cb, "resolved_release_step"):  # StaticSparsity: fixed mask, all-ones after the release
+                release = cb.resolved_release_step
+                if release is not None and release >= first:
+                    why = f"it releases its masks at step {release}"
             elif getattr(cb, "_end", None) is not None and hasattr(cb, "update_step"):  # MagnitudePruning
                 if cb._end >= first:
                     why = f"it updates masks until step {cb._end} (end_step)"

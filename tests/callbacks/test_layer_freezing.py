@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lit_eff import sparsity
-from lit_eff.callbacks import LayerFreezing, MagnitudePruning, NMSparsity
+from lit_eff.callbacks import LayerFreezing, MagnitudePruning, NMSparsity, StaticSparsity
 from tests.helpers import MODELS, flat_state, make_trainer, seeded, tiny_vit
 
 
@@ -131,6 +131,9 @@ def test_sparsity_schedules_still_moving_after_freezing_starts_are_refused():
                                          r"\(trainer.callbacks\[1\]\) freezes from step 2, and it updates masks until "
                                          r"step 4"):
         run([gmp, LayerFreezing(final_fraction=0.5, freeze_start=0.25)])
+    with pytest.raises(ValueError, match=r"StaticSparsity \(trainer.callbacks\[0\]\) masks layers .* and it releases "
+                                         r"its masks at step 4"):
+        run([StaticSparsity(sparsity=0.5, release_step=4), LayerFreezing(final_fraction=0.5, freeze_start=0.25)])
     # settled before freezing starts: fine
     run([MagnitudePruning(final_sparsity=0.5, start_step=0, end_step=1, update_every=1),
          LayerFreezing(final_fraction=0.5, freeze_start=0.25)])
