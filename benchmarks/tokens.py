@@ -11,12 +11,12 @@ FlopsMonitor logs); ``ratio`` = measured speedup / predicted speedup (target >= 
   from block 4 (a third of the depth), PyramidDrop 1 -> 0.5 -> 0.25 at blocks 4 and 8, TokenMerge
   (r=4 per block, in training), TokenSkip random-LTD 50% on blocks 1..10.
 - GPT: the kit's GPT, width 192, 6 blocks, 6 heads, block size 256, batch 8. TokenSkip random-LTD
-  50% on blocks 1..4 (DeepSpeed's default: all but the first and last) and on all blocks, and
+  50% on blocks 1..4 (DeepSpeed's default: all but the first and last), 75%/50%/25% on all blocks, and
   Mixture-of-Depths at capacity 50% on every block.
 - ViT inference (no grad, batch 64): TokenMerge training-free (r=4 in every block; r=8 in the
   first 6 blocks) and TokenDrop at evaluation; predicted from forward FLOPs.
 
-    OMP_NUM_THREADS=1 python benchmarks/tokens.py [--rounds 5] [--steps 3]
+    OMP_NUM_THREADS=1 python benchmarks/tokens.py [--rounds 4] [--steps 3]
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ VIT_EVAL_VARIANTS = {
 GPT_VARIANTS = {
     "dense": None,
     "TokenSkip LTD 0.5 blocks 1-4": lambda m: attach_skip(m, [1, 2, 3, 4], "ltd", keep=0.5),
+    "TokenSkip LTD 0.75 all blocks": lambda m: attach_skip(m, list(range(6)), "ltd", keep=0.75),
     "TokenSkip LTD 0.5 all blocks": lambda m: attach_skip(m, list(range(6)), "ltd", keep=0.5),
+    "TokenSkip LTD 0.25 all blocks": lambda m: attach_skip(m, list(range(6)), "ltd", keep=0.25),
     "TokenSkip MoD capacity 0.5 all blocks": lambda m: attach_skip(m, list(range(6)), "mod", capacity=0.5),
 }
 
@@ -111,7 +113,7 @@ def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, tr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", choices=["vit", "gpt"], default=None)
     args = parser.parse_args()
