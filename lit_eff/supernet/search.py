@@ -181,7 +181,13 @@ def _datamodule(module, batch_size: int):
     return TextDataModule(block_size=module.model.block_size, batch_size=batch_size)
 
 
-def cli(argv: list[str] | None = None) -> Result:
+def cli(argv: list[str] | None = None) -> None:
+    """``lit-eff search --ckpt CKPT --budget-mflops X [options]`` (exit status 0)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> Result:
+    """The search command; returns the chosen subnet."""
     parser = argparse.ArgumentParser(prog="lit-eff search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a SupernetModule checkpoint")
     parser.add_argument("--budget-mflops", type=float, required=True, help="forward MFLOPs per sample")
@@ -207,7 +213,8 @@ def cli(argv: list[str] | None = None) -> Result:
     torch.save({"config": best.config.to_dict(), "arch": module.hparams.arch, "model": exported,
                 "state_dict": exported.state_dict()}, os.path.join(args.out, "subnet.pt"))
     with open(os.path.join(args.out, "search.json"), "w") as f:
-        json.dump({"best": {**best.config.to_dict(), "mflops": best.flops / 1e6, "metric": best.metric},
+        json.dump({"ckpt": args.ckpt, "budget_mflops": args.budget_mflops, "method": args.method, "seed": args.seed,
+                   "best": {**best.config.to_dict(), "mflops": best.flops / 1e6, "metric": best.metric},
                    "evaluated": [{**r.config.to_dict(), "mflops": r.flops / 1e6, "metric": r.metric}
                                  for r in results]}, f, indent=1)
     plot_pareto(results, best, args.budget_mflops * 1e6, os.path.join(args.out, "pareto.png"), module.vision)

@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from lit_eff.cli import LitEffCLI
 from lit_eff.supernet import ComplexityAware, DelayedShrinking, PerformanceAware, Sandwich, SupernetModule, Uniform
-from lit_eff.supernet.search import cli as search_cli
+from lit_eff.supernet.search import run as search_cli
 from lit_eff.supernet.search import search
 from tests.contract.test_contract import assert_same_state
 from tests.helpers import digits, flat_state, make_trainer, max_abs_diff, seeded, text
