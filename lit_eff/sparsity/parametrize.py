@@ -104,11 +104,11 @@ class Mask(nn.Module):
         self.ste = ste
         self.in_place = in_place
         self._beta = float(beta)  # host copies, so reporting a density needs no device sync
-        self._density = 1.0
+        self._density = _mask_density(mask)  # 1.0: forward skips the mask
         self._order: list[str] = []
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.in_place:
+        if self.in_place or self._density == 1.0:  # nothing pruned (dense warm-up, released masks)
             return weight
         if not self.ste:
             return weight * self.mask_values if self._beta == 0 else torch.where(self.mask, weight, weight * self.beta)
@@ -180,7 +180,8 @@ def _report(module: nn.Module) -> None:
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: loaded masks and β change the density to report."""
+    """``load_state_dict`` post-hook: loaded masks and β change the density to report (and
+    whether forward can skip the mask: a density of 1 means nothing is pruned)."""
     for p in _masks_of(module):
         p._beta = float(p.beta)
         p._density = _mask_density(p.mask)
@@ -201,7 +202,8 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
 
     ``mask`` is boolean (or 0/1) with the weight's shape; ``None`` starts dense. ``ste=True``
     passes gradients straight through to all of ``W``. ``density``, if known (N:M gives
-    ``n / m``), saves counting the mask. ``in_place=True`` (β = 0 only) zeroes ``W`` at pruned
+    ``n / m``), saves counting the mask; ``density=1`` promises an all-ones mask, and forward
+    then returns ``W`` without masking work. ``in_place=True`` (β = 0 only) zeroes ``W`` at pruned
     positions now and at every :func:`set_mask`, and forward reads ``W`` as is: for techniques
     whose pruned weights stay zero (their gradients and optimizer state are masked every step).
     Returns the :class:`Mask` parametrization.
@@ -247,7 +249,8 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight", density: float | None = None) -> None:
     """Copy ``mask`` into the existing buffer (same tensor, device and state-dict entry).
 
-    ``density``, if known, saves counting the mask (a device sync on GPU).
+    ``density``, if known, saves counting the mask (a device sync on GPU); ``density=1``
+    promises an all-ones mask, and forward then returns ``W`` without masking work.
     """
     param = _require(module, name)
     param.mask.copy_(_as_mask(mask, param.mask))

@@ -289,3 +289,17 @@ def test_straight_through_value_is_exact_and_gradient_reaches_all_weights(beta):
     effective = torch.where(mask, dense, dense * beta).detach().requires_grad_()
     torch.nn.functional.linear(x, effective, layer.bias).pow(2).sum().backward()
     assert torch.equal(dense.grad, effective.grad)  # straight through: d/dW = d/d(effective)
+
+
+def test_all_ones_mask_costs_no_masking_work_until_something_is_pruned():
+    layer = _layer()
+    attach_mask(layer, density=1.0)  # dense (a warm-up, or a released SPDF mask)
+    dense = layer.parametrizations.weight.original
+    assert layer.weight is dense
+    mask = nm_mask(dense, 2, 4)
+    set_mask(layer, mask)  # counted: 0.5
+    assert layer.weight is not dense and torch.equal(layer.weight, dense * mask)
+    set_mask(layer, torch.ones_like(mask))  # counted: all kept again
+    assert layer.weight is dense
+    # a Mask built directly from a sparse mask masks from the start
+    assert Mask(mask)._density == 0.5
