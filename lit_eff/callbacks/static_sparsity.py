@@ -137,7 +137,7 @@ class StaticSparsity(Callback):
             mask = self._initial_mask(name, weight, densities[name])
             with torch.no_grad():
                 weight.mul_(mask)
-            sparsity.attach_mask(module, mask=mask, ste=False, density=int(mask.sum()) / mask.numel())
+            sparsity.attach_mask(module, mask=mask, in_place=True, density=int(mask.sum()) / mask.numel())
         self.targets = targets
         self.densities = densities
         if self._release is None and self.release_fraction is not None and trainer.max_steps and trainer.max_steps > 0:
