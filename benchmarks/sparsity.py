@@ -7,7 +7,8 @@ median milliseconds per optimizer step and the ratio to dense.
 - NMSparsity 2:4 SR-STE (masks recomputed once per optimizer step) vs torch.ao's
   WeightNormSparsifier 2:4 (FakeSparsity parametrizations, ``sparsifier.step()`` every step);
 - MagnitudePruning (update every epoch) vs Lightning's ModelPruning (L1, every epoch);
-- DynamicSparsity RigL (update every 100 steps, ERK).
+- DynamicSparsity RigL (update every 100 steps, ERK);
+- StaticSparsity (SPDF's sparse phase: a fixed random mask, never released here).
 
     python benchmarks/sparsity.py [--steps 120] [--rounds 5]
 """
@@ -25,7 +26,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 
 from lit_eff import sparsity
-from lit_eff.callbacks import DynamicSparsity, MagnitudePruning, NMSparsity
+from lit_eff.callbacks import DynamicSparsity, MagnitudePruning, NMSparsity, StaticSparsity
 from lit_eff.datamodules import DigitsDataModule
 from lit_eff.models import ImageClassifier
 
@@ -88,6 +89,7 @@ VARIANTS = {
                                                                          update_every=19)],
     "Lightning ModelPruning L1 0.5": lightning_pruning,
     "DynamicSparsity RigL ERK 0.5": lambda model: [DynamicSparsity(0.5, distribution="erk", update_every=100)],
+    "StaticSparsity 0.5 (SPDF sparse phase)": lambda model: [StaticSparsity(0.5)],
 }
 
 
