@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from lit_eff.supernet import (ComplexityAware, DelayedShrinking, ElasticViT, PerformanceAware, Sandwich,
                               SubnetFlops, Uniform)
