@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lit_eff import sparsity
 from lit_eff.callbacks._checks import is_int
-from lit_eff.callbacks._logging import log_step
+from lit_eff.callbacks._logging import log_step, logs_this_step
 from lit_eff.gradients.topk import topk_mask, validate_density
 from lit_eff.schedules import Schedule
 
@@ -63,8 +63,8 @@ class GradientMasking(Callback):
     same pattern. Not supported under FSDP/DeepSpeed (sharded flat parameters).
 
     Logs ``grad_mask/density`` (the density of the pattern in force) and
-    ``grad_mask/kept_norm_fraction`` (``‖g ⊙ keep‖ / ‖g ⊙ allowed‖`` over all targeted layers)
-    on the steps Lightning writes to its loggers (``log_every_n_steps``).
+    ``grad_mask/kept_norm_fraction`` (``‖g ⊙ keep‖ / ‖g ⊙ allowed‖`` over all targeted layers,
+    computed only then) on the steps Lightning writes to its loggers (``log_every_n_steps``).
 
     Args:
         density: fraction of gradient entries kept, in (0, 1], or a Schedule of the step.
@@ -112,6 +112,7 @@ class GradientMasking(Callback):
         self._buffers: dict[int, torch.Tensor] = {}
         self._keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked layers: pattern, 1 - pattern (float)
         self._fraction: torch.Tensor | None = None
+        self._fraction_step = -1
         self._last_step = -1
 
     def density_at(self, step: int) -> float:
@@ -182,6 +183,9 @@ class GradientMasking(Callback):
         step = trainer.global_step
         if self._due(step):
             self.refresh(step)
+        # the step metrics of this step reach the loggers (same test as at on_train_batch_end: Lightning
+        # counts the step as done only after it), or this is the last step
+        measure = logs_this_step(trainer) or 0 < (trainer.max_steps or 0) <= step + 1
         weights, grads, keeps, drops, among_allowed = [], [], [], [], []
         for name, module, weight in self._layers_of(optimizer):
             grad = weight.grad
@@ -202,20 +206,24 @@ class GradientMasking(Callback):
             else:
                 keep = (pattern & allowed).to(weight.dtype)
                 drop = 1 - keep
-                among_allowed.append((len(grads), grad.mul(allowed).norm()))
+                if measure:
+                    among_allowed.append((len(grads), grad.mul(allowed).norm()))
             weights.append(weight)
             grads.append(grad)
             keeps.append(keep)
             drops.append(drop)
         if not grads:
             return
-        before = torch.stack(torch._foreach_norm(grads))
-        for index, norm in among_allowed:
-            before[index] = norm
+        if measure:  # only on the steps a logger writes: two norms per layer
+            before = torch.stack(torch._foreach_norm(grads))
+            for index, norm in among_allowed:
+                before[index] = norm
         torch._foreach_mul_(grads, keeps)
-        after = torch.stack(torch._foreach_norm(grads))
-        total = before.square().sum().sqrt()
-        self._fraction = torch.where(total > 0, after.square().sum().sqrt() / total, torch.ones_like(total))
+        if measure:
+            after = torch.stack(torch._foreach_norm(grads))
+            total = before.square().sum().sqrt()
+            self._fraction = torch.where(total > 0, after.square().sum().sqrt() / total, torch.ones_like(total))
+            self._fraction_step = step
         saved = self._copies(weights)
         torch._foreach_copy_(saved, [w.detach() for w in weights])
         self._saved[id(optimizer)] = (weights, saved, drops)
@@ -244,11 +252,17 @@ class GradientMasking(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step <= self._last_step or self._fraction is None:
+        if trainer.global_step <= self._last_step or self._density is None:
             return  # accumulating micro-batches
         self._last_step = trainer.global_step
-        log_step(trainer, pl_module, lambda: {"grad_mask/density": self._density,
-                                              "grad_mask/kept_norm_fraction": self._fraction})
+
+        def values() -> dict[str, Any]:
+            out: dict[str, Any] = {"grad_mask/density": self._density}
+            if self._fraction is not None and self._fraction_step == trainer.global_step - 1:
+                out["grad_mask/kept_norm_fraction"] = self._fraction
+            return out
+
+        log_step(trainer, pl_module, values)
 
     # state ----------------------------------------------------------------------------------
     @property
