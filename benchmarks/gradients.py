@@ -17,29 +17,11 @@ Printed: median milliseconds per optimizer step (first step excluded) and the ra
 
 from __future__ import annotations
 
-import argparse
-import logging
-import statistics
 import time
 
-import torch
-import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning_steps import arguments, compare
 
 from lit_eff.callbacks import GradientMasking, LayerFreezing
-from lit_eff.datamodules import DigitsDataModule
-from lit_eff.models import ImageClassifier
-
-CONFIG = "configs/vit_digits.yaml"
-
-
-class Timer(Callback):
-    """Wall time per optimizer step after the first (warm-up excluded)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1:
-            self.start = time.perf_counter()
-        self.end, self.steps = time.perf_counter(), trainer.global_step - 1
 
 
 class TimedGradientMasking(GradientMasking):
@@ -68,49 +50,19 @@ class TimedGradientMasking(GradientMasking):
         TimedGradientMasking.spent += time.perf_counter() - start
 
 
-def build():
-    config = yaml.safe_load(open(CONFIG))
-    seed_everything(0, verbose=False)
-    model = ImageClassifier(**config["model"]["init_args"])
-    data = DigitsDataModule(**config["data"]["init_args"])
-    return model, data
-
-
-def run(make_callbacks, steps: int) -> float:
-    model, data = build()
-    timer = Timer()
-    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=[*make_callbacks(), timer])
-    trainer.fit(model, datamodule=data)
-    return (timer.end - timer.start) / timer.steps
-
-
 VARIANTS = {
-    "dense": lambda: [],
-    "LayerFreezing 2/4 blocks + stem": lambda: [LayerFreezing(0.5, freeze_start=0.0, freeze_end=0.0)],
-    "LayerFreezing 2/4 blocks, stem trains": lambda: [LayerFreezing(0.5, freeze_start=0.0, freeze_end=0.0,
-                                                                    freeze_stem=False)],
-    "GradientMasking 0.2, refresh 30": lambda: [TimedGradientMasking(0.2, refresh_every=30)],
-    "GradientMasking 0.2, refresh 1": lambda: [GradientMasking(0.2, refresh_every=1)],
+    "dense": lambda model: [],
+    "LayerFreezing 2/4 blocks + stem": lambda model: [LayerFreezing(0.5, freeze_start=0.0, freeze_end=0.0)],
+    "LayerFreezing 2/4 blocks, stem trains": lambda model: [LayerFreezing(0.5, freeze_start=0.0, freeze_end=0.0,
+                                                                          freeze_stem=False)],
+    "GradientMasking 0.2, refresh 30": lambda model: [TimedGradientMasking(0.2, refresh_every=30)],
+    "GradientMasking 0.2, refresh 1": lambda model: [GradientMasking(0.2, refresh_every=1)],
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name, make in VARIANTS.items():
-            times[name].append(run(make, args.steps))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds")
-    median = {name: statistics.median(values) for name, values in times.items()}
-    for name, seconds in median.items():
-        print(f"  {name:40s} {seconds * 1e3:8.2f} ms/step (median)  x{seconds / median['dense']:.3f} of dense"
-              f"  (dense/this x{median['dense'] / seconds:.2f})   best x{min(times[name]) / min(times['dense']):.3f}")
+    args = arguments(__doc__.split("\n")[0])
+    median = compare(VARIANTS, args.steps, args.rounds)
     inside = TimedGradientMasking.spent / max(1, TimedGradientMasking.steps)
     own = median["GradientMasking 0.2, refresh 30"]
     print(f"  time inside GradientMasking's hooks (refresh 30, amortized): {inside * 1e3:.3f} ms/step = "

@@ -10,42 +10,19 @@ prints the median seconds per step and the ratios.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning_steps import build, time_fit
 
 from lit_eff.callbacks import FlopsMonitor
-from lit_eff.datamodules import DigitsDataModule
-from lit_eff.models import ImageClassifier
-
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_digits.yaml")
-
-
-def build():
-    config = yaml.safe_load(open(CONFIG))
-    seed_everything(0, verbose=False)
-    model = ImageClassifier(**config["model"]["init_args"])
-    data = DigitsDataModule(**config["data"]["init_args"])
-    data.setup("fit")
-    return model, data
-
-
-class Timer(Callback):
-    """Wall time from the end of the first optimizer step to the end of the last (warm-up excluded)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1:
-            self.start = time.perf_counter()
-        self.end, self.steps = time.perf_counter(), trainer.global_step - 1
 
 
 def plain_pytorch(steps: int) -> float:
     model, data = build()
+    data.setup("fit")
     loader = data.train_dataloader()
     from lit_eff.models.optim import adamw_warmup_cosine
 
@@ -70,14 +47,7 @@ def plain_pytorch(steps: int) -> float:
 
 
 def lightning(steps: int, monitor: bool) -> float:
-    model, data = build()
-    timer = Timer()
-    callbacks = [FlopsMonitor(), timer] if monitor else [timer]
-    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=callbacks)
-    trainer.fit(model, datamodule=data)
-    return (timer.end - timer.start) / timer.steps
+    return time_fit(lambda model: [FlopsMonitor()] if monitor else [], steps)
 
 
 def main() -> None:
