@@ -7,8 +7,9 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lit_eff.callbacks._claims import describe_in
 from lit_eff.callbacks._checks import is_int, is_number
+from lit_eff.callbacks._claims import describe_in
+from lit_eff.callbacks._logging import log_step
 from lit_eff.schedules import Schedule
 from lit_eff.seeding import run_seed
 from lit_eff.tokens.adapters import TokenAdapter, find_adapter
@@ -121,15 +122,20 @@ class TokenCallback(Callback):
         """Set the scheduled values for ``step`` on the machinery."""
 
     # counters ---------------------------------------------------------------------------------
-    def log_tokens(self, pl_module: LightningModule) -> None:
-        """Log ``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the
-        last log, over what the dense model would have processed)."""
+    def token_counts(self) -> dict[str, float]:
+        """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the
+        last call, over what the dense model would have processed)."""
         m = self.machinery
         done, dense = m.layer_tokens - self._logged_tokens[0], m.dense_layer_tokens - self._logged_tokens[1]
         self._logged_tokens = (m.layer_tokens, m.dense_layer_tokens)
-        pl_module.log("tokens/layer_tokens", float(m.layer_tokens), on_step=True, on_epoch=False, batch_size=1)
+        values = {"tokens/layer_tokens": float(m.layer_tokens)}
         if dense:
-            pl_module.log("tokens/layer_token_fraction", done / dense, on_step=True, on_epoch=False, batch_size=1)
+            values["tokens/layer_token_fraction"] = done / dense
+        return values
+
+    def log_step_values(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float]) -> None:
+        """Log ``values`` and the token counts on the steps Lightning writes to its loggers."""
+        log_step(trainer, pl_module, lambda: {**values, **self.token_counts()})
 
     @override
     def state_dict(self) -> dict[str, Any]:

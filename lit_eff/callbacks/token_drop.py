@@ -134,9 +134,8 @@ class TokenDrop(TokenCallback):
         m = self.machinery
         if m is None or not m.active(True):
             return
-        for block, fraction in zip(m.stages, m.kept_fraction):
-            pl_module.log(f"tokens/kept_fraction/block{block}", fraction, on_step=True, on_epoch=False, batch_size=1)
-        self.log_tokens(pl_module)
+        self.log_step_values(trainer, pl_module, {f"tokens/kept_fraction/block{block}": fraction
+                                                  for block, fraction in zip(m.stages, m.kept_fraction)})
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

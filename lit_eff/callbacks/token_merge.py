@@ -116,9 +116,7 @@ class TokenMerge(TokenCallback):
         if self.machinery is None or not self.machinery.active(True):
             return
         fraction = self.kept_fraction()
-        if fraction is not None:
-            pl_module.log("tokens/kept_fraction", fraction, on_step=True, on_epoch=False, batch_size=1)
-        self.log_tokens(pl_module)
+        self.log_step_values(trainer, pl_module, {} if fraction is None else {"tokens/kept_fraction": fraction})
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

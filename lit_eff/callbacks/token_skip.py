@@ -135,15 +135,13 @@ class TokenSkip(TokenCallback):
         m = self.machinery
         if m is None:
             return
-        for block, fraction in zip(m.blocks, m.processed):
-            pl_module.log(f"tokens/kept_fraction/block{block}", fraction, on_step=True, on_epoch=False, batch_size=1)
+        values = {f"tokens/kept_fraction/block{block}": fraction for block, fraction in zip(m.blocks, m.processed)}
         if self.method == "ltd":
-            pl_module.log("tokens/keep", m.keep, on_step=True, on_epoch=False, batch_size=1)
+            values["tokens/keep"] = m.keep
         else:
-            pl_module.log("tokens/router_aux_loss", m.aux_loss, on_step=True, on_epoch=False, batch_size=1)
-            pl_module.log("tokens/router_capacity_use", m.router_fraction / m.capacity, on_step=True,
-                          on_epoch=False, batch_size=1)
-        self.log_tokens(pl_module)
+            values["tokens/router_aux_loss"] = m.aux_loss
+            values["tokens/router_capacity_use"] = m.router_fraction / m.capacity
+        self.log_step_values(trainer, pl_module, values)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
