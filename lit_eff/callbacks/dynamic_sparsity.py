@@ -54,8 +54,9 @@ class DynamicSparsity(Callback):
     ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)`` at every position; in
     ``on_before_optimizer_step`` (after accumulation, AMP unscaling and the DDP all-reduce, so
     every rank sees the same one) it is copied on update steps only (RigL), then multiplied by
-    ``M`` on every step. After every optimizer step the dense weights and every optimizer-state
-    tensor of their shape are multiplied by ``M``: pruned weights stay exactly zero.
+    ``M`` on every step. After every optimizer step the dense weights are multiplied by ``M``,
+    and after every mask update so is every optimizer-state tensor of their shape (between
+    updates the masked gradients keep those at 0): pruned weights stay exactly zero.
 
     Logs ``sparsity/drop_fraction`` (``α_t`` at the current step, 0 from ``T_end`` on) and
     ``sparsity/mask_changes`` (grown positions over active positions, all layers, at the last
@@ -119,6 +120,7 @@ class DynamicSparsity(Callback):
         self.exclude = None if exclude is None else list(exclude)
 
         self.targets: dict[str, nn.Module] = {}
+        self.group: sparsity.MaskGroup | None = None
         self.densities: dict[str, float] = {}
         self.active: dict[str, int] = {}  # active weights per layer (constant)
         self._end: int | None = None  # T_end
@@ -165,6 +167,7 @@ class DynamicSparsity(Callback):
             count = int(mask.sum())
             sparsity.attach_mask(module, mask=mask, in_place=True, density=count / mask.numel())
         self.targets = targets
+        self.group = sparsity.MaskGroup(targets)
         self.densities = densities
         self.active = {name: int(sparsity.get_mask(module).sum()) for name, module in targets.items()}
         if self._end is None and trainer.max_steps is not None and trainer.max_steps > 0:
@@ -212,9 +215,15 @@ class DynamicSparsity(Callback):
         self._mask_changes = grown_total / max(1, sum(self.active.values()))
         self._last_update = step
 
-    def _enforce(self, trainer: Trainer) -> None:
-        """Zero the dense weights and their optimizer state at pruned positions."""
-        sparsity.zero_pruned(self.targets.values(), trainer.optimizers)
+    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
+        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
+
+        The state needs zeroing only when masks change: between changes gradients are masked
+        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
+        the update there is 0 (weight decay of a zero weight is zero too). The weights are
+        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
+        """
+        self.group.zero_pruned(trainer.optimizers if state else ())
 
     # hooks ----------------------------------------------------------------------------------
     @override
@@ -226,7 +235,7 @@ class DynamicSparsity(Callback):
                 grad = module.parametrizations.weight.original.grad
                 if grad is not None:
                     self._grads[name] = grad.detach().clone()
-        sparsity.mask_gradients(self.targets.values())
+        self.group.mask_gradients()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -234,7 +243,7 @@ class DynamicSparsity(Callback):
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating micro-batches
-        self._enforce(trainer)
+        self._enforce(trainer, state=False)
         if self.is_update(step) and self._last_update != step:
             self._update(step)
             self._enforce(trainer)

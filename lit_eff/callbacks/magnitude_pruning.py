@@ -44,20 +44,23 @@ class MagnitudePruning(Callback):
     Pruned weights stay exactly zero: the :mod:`lit_eff.sparsity` mask is ``in_place`` (``W``
     is zeroed at pruned positions when a mask changes, so forward reads ``W = W ⊙ M`` at no
     cost); gradients are multiplied by ``M`` in
-    ``on_before_optimizer_step``; after every optimizer step the dense weight and every
-    optimizer-state tensor of its shape (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) are
-    multiplied by ``M``, so neither momentum nor weight decay brings a pruned weight back and
-    ``lit_eff.sparsity.export`` gives exact zeros.
+    ``on_before_optimizer_step``; after every optimizer step the dense weight is multiplied by
+    ``M``, and at every mask change so is every optimizer-state tensor of its shape (AdamW
+    ``exp_avg``/``exp_avg_sq``, SGD momentum; between changes the masked gradients keep them at
+    0), so neither momentum nor weight decay brings a pruned weight back and
+    ``lit_eff.sparsity.export`` gives exact zeros. The per-step work is a few fused ``foreach``
+    ops over all layers (:class:`lit_eff.sparsity.MaskGroup`).
 
     Logs ``sparsity/target`` (``s_t``) and ``sparsity/actual`` (zeros among the targeted dense
-    weights, counted) on the steps Lightning writes to its loggers (``log_every_n_steps``). Each layer reports its density to ``FlopsMonitor``.
+    weights, counted) on the steps Lightning writes to its loggers (``log_every_n_steps``).
+    Each layer reports its density to ``FlopsMonitor``.
 
     Runs on: ``setup`` (targets, checks, all-ones masks attached before the strategy wraps the
     model and before a checkpoint restore), ``on_fit_start`` (resolves ``end_step``),
     ``on_train_start`` (the update due at the current step, unless the checkpoint already holds
     it), ``on_before_optimizer_step`` (gradient masking, after accumulation and AMP unscaling),
-    ``on_train_batch_end`` when ``trainer.global_step`` advanced (weights and optimizer state
-    masked, mask update if due, logging).
+    ``on_train_batch_end`` when ``trainer.global_step`` advanced (weights masked, mask update if
+    due with the optimizer state masked, logging).
 
     Args:
         final_sparsity: ``s_f``, in [0, 1).
@@ -135,6 +138,7 @@ class MagnitudePruning(Callback):
         self.exclude = None if exclude is None else list(exclude)
 
         self.targets: dict[str, nn.Module] = {}
+        self.group: sparsity.MaskGroup | None = None
         self._end: int | None = end_step
         self._last_step = -1  # global_step whose post-step work is done
         self._last_update: int | None = None  # update step the masks were last computed for
@@ -186,6 +190,7 @@ class MagnitudePruning(Callback):
             if not sparsity.has_mask(module):
                 sparsity.attach_mask(module, in_place=True, density=1.0)  # dense until the first update
         self.targets = targets
+        self.group = sparsity.MaskGroup(targets)
         if self._end is None and trainer.max_steps is not None and trainer.max_steps > 0:
             self._resolve_end(trainer.max_steps)
 
@@ -235,19 +240,24 @@ class MagnitudePruning(Callback):
         else:
             masks = {name: sparsity.magnitude_mask(s, target) for name, s in scores.items()}
             densities = {name: 1.0 - round(target * s.numel()) / s.numel() for name, s in scores.items()}
-        for name, module in self.targets.items():
-            sparsity.set_mask(module, masks[name], density=densities[name])
+        self.group.set_masks([masks[name] for name in self.targets], density=[densities[n] for n in self.targets])
         self._last_update = self.update_step(step)
         self._enforce(trainer)
 
-    def _enforce(self, trainer: Trainer) -> None:
-        """Zero the dense weights and their optimizer state at pruned positions."""
-        sparsity.zero_pruned(self.targets.values(), trainer.optimizers)
+    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
+        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
+
+        The state needs zeroing only when masks change: between changes gradients are masked
+        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
+        the update there is 0 (weight decay of a zero weight is zero too). The weights are
+        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
+        """
+        self.group.zero_pruned(trainer.optimizers if state else ())
 
     # hooks ----------------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        sparsity.mask_gradients(self.targets.values())
+        self.group.mask_gradients()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -255,7 +265,7 @@ class MagnitudePruning(Callback):
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating micro-batches
-        self._enforce(trainer)
+        self._enforce(trainer, state=False)
         if self.update_step(step) == step:
             self._update(trainer, step)
         self._last_step = step

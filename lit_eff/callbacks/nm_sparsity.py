@@ -144,6 +144,7 @@ class NMSparsity(Callback):
         self.exclude = None if exclude is None else list(exclude)
 
         self.targets: dict[str, nn.Module] = {}
+        self.group: sparsity.MaskGroup | None = None
         self._total: int | None = total_steps
         self._last_step = -1  # global_step the masks were last computed for
         self._current: tuple[float, int, int, float] = (1.0, m, m, 1.0)  # beta, n, m, density
@@ -221,6 +222,7 @@ class NMSparsity(Callback):
             if not sparsity.has_mask(module):
                 sparsity.attach_mask(module, density=1.0)  # dense until the first step is set up
         self.targets = targets
+        self.group = sparsity.MaskGroup(targets)
         if self._total is None and trainer.max_steps is not None and trainer.max_steps > 0:
             self._total = trainer.max_steps
         if self._total is not None:
@@ -244,16 +246,12 @@ class NMSparsity(Callback):
         """
         n, m = self.frame(step)
         beta = self.beta(step)
-        modules = list(self.targets.values())
         if n == m:
-            masks = [torch.ones_like(sparsity.get_mask(module)) for module in modules]
+            masks = [torch.ones_like(p.mask) for p in self.group.params]
         else:
-            weights = [module.parametrizations.weight.original for module in modules]
-            masks = sparsity.nm_masks(weights, n, m, names=list(self.targets))
-        for module, mask in zip(modules, masks):
-            sparsity.set_mask(module, mask, density=n / m)
-            if sparsity.get_parametrization(module)._beta != beta:
-                sparsity.set_beta(module, beta)
+            masks = self.group.nm_masks(n, m)
+        self.group.set_masks(masks, density=n / m)
+        self.group.set_beta(beta)
         self._last_step = step
         self._current = (beta, n, m, n / m if beta == 0 else 1.0)
 
@@ -272,18 +270,7 @@ class NMSparsity(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self.method != "srste" or self.srste_lambda == 0 or self.phase(trainer.global_step) == "dense":
             return
-        with torch.no_grad():
-            grads, weights, masks = [], [], []
-            for module in self.targets.values():
-                weight = module.parametrizations.weight.original
-                if weight.grad is None:
-                    continue
-                grads.append(weight.grad)
-                weights.append(weight.detach().to(weight.grad.dtype))
-                masks.append(sparsity.get_parametrization(module).mask_values.to(weight.grad.dtype))
-            if grads:  # grad += λ (1 − E) ⊙ W, fused over all targets
-                pruned = torch._foreach_add(torch._foreach_neg(masks), 1.0)
-                torch._foreach_addcmul_(grads, weights, pruned, value=self.srste_lambda)
+        self.group.add_pruned_weights_to_grad(self.srste_lambda)  # grad += λ (1 − E) ⊙ W, fused
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

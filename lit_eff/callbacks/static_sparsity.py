@@ -31,10 +31,11 @@ class StaticSparsity(Callback):
     the model has at that moment (its initialization, or the weights it was loaded with). The
     layer density ``d`` is ``1 − sparsity`` (``distribution="uniform"``) or its Erdős–Rényi-
     Kernel share (``"erk"``; the weight-count mean is ``1 − sparsity``). Pruned weights are
-    kept exactly zero the way ``MagnitudePruning`` keeps them: forward reads ``W ⊙ M``, the
-    gradient is multiplied by ``M`` in ``on_before_optimizer_step``, and after every optimizer
-    step the dense weight and every optimizer-state tensor of its shape (AdamW moments, SGD
-    momentum) are multiplied by ``M``.
+    kept exactly zero the way ``MagnitudePruning`` keeps them: an ``in_place`` mask (forward
+    reads ``W = W ⊙ M``), the gradient multiplied by ``M`` in ``on_before_optimizer_step``, the
+    dense weight multiplied by ``M`` after every optimizer step, and every optimizer-state
+    tensor of its shape (AdamW moments, SGD momentum) at the start of training (between, the
+    masked gradients keep them at 0).
 
     **Release** (ALGORITHMS.md §3), after the optimizer step that reaches ``release_step`` (or
     ``int(release_fraction ×`` the training steps``)``): the weights and optimizer state are
@@ -110,6 +111,7 @@ class StaticSparsity(Callback):
         self.exclude = None if exclude is None else list(exclude)
 
         self.targets: dict[str, nn.Module] = {}
+        self.group: sparsity.MaskGroup | None = None
         self.densities: dict[str, float] = {}
         self._release: int | None = release_step  # resolved release step
         self.released = False
@@ -139,6 +141,7 @@ class StaticSparsity(Callback):
                 weight.mul_(mask)
             sparsity.attach_mask(module, mask=mask, in_place=True, density=int(mask.sum()) / mask.numel())
         self.targets = targets
+        self.group = sparsity.MaskGroup(targets)
         self.densities = densities
         if self._release is None and self.release_fraction is not None and trainer.max_steps and trainer.max_steps > 0:
             self._release = max(1, int(self.release_fraction * trainer.max_steps))
@@ -171,9 +174,15 @@ class StaticSparsity(Callback):
     def _due(self, step: int) -> bool:
         return self._release is not None and step >= self._release
 
-    def _enforce(self, trainer: Trainer) -> None:
-        """Zero the dense weights and their optimizer state at pruned positions."""
-        sparsity.zero_pruned(self.targets.values(), trainer.optimizers)
+    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
+        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
+
+        The state needs zeroing only when masks change: between changes gradients are masked
+        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
+        the update there is 0 (weight decay of a zero weight is zero too). The weights are
+        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
+        """
+        self.group.zero_pruned(trainer.optimizers if state else ())
 
     @torch.no_grad()
     def _release_masks(self, step: int) -> None:
@@ -186,7 +195,7 @@ class StaticSparsity(Callback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if not self.released:
-            sparsity.mask_gradients(self.targets.values())
+            self.group.mask_gradients()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -195,7 +204,7 @@ class StaticSparsity(Callback):
         if step <= self._last_step:
             return  # accumulating micro-batches
         if not self.released:
-            self._enforce(trainer)
+            self._enforce(trainer, state=False)
             if self._due(step):
                 self._release_masks(step)
         self._last_step = step

@@ -16,6 +16,7 @@
 """
 
 from lit_eff.sparsity.enforce import mask_gradients, zero_pruned
+from lit_eff.sparsity.group import MaskGroup
 from lit_eff.sparsity.masks import (
     erk_densities,
     global_magnitude_masks,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_INCLUDE",
     "LAYER_KINDS",
     "Mask",
+    "MaskGroup",
     "attach_mask",
     "erk_densities",
     "export",
