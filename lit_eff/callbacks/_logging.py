@@ -1,6 +1,6 @@
 """Per-step logging that costs nothing on the steps no logger writes.
 
-``LightningModule.log`` costs about a millisecond per call on a CPU (result collection,
+``LightningModule.log`` cost up to a millisecond per call on a loaded 2-core CPU (result collection,
 tensor conversion, sync bookkeeping), which is 5% of a small model's step per value. Lightning
 only hands step metrics to the loggers every ``trainer.log_every_n_steps``; on other steps a
 logged value is overwritten unseen. Techniques therefore log per-step values through
