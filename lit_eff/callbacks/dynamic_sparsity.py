@@ -49,14 +49,13 @@ class DynamicSparsity(Callback):
     exactly zero; a dropped weight that is grown back keeps its value (it never left). The count
     of active weights of every layer never changes.
 
-    **Gradients.** The :mod:`lit_eff.sparsity` mask is ``in_place``: ``W`` is kept at zero at
-    pruned positions, so forward reads ``W = W ⊙ M`` as is (no per-forward masking cost) and
-    ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)`` at every position; in
+    **Gradients.** Forward reads ``W ⊙ M`` (a :mod:`lit_eff.sparsity` mask with the plain
+    masked gradient), so pruned positions get an exact zero gradient and, with the dense weights
+    and their optimizer state zeroed at every mask update, stay exactly zero. On the optimizer
+    step before a RigL update, forward reads ``W`` as is instead (the same value: ``W`` is zero
+    at pruned positions), so ``W.grad`` is the dense gradient ``∂L/∂(W ⊙ M)``; it is copied in
     ``on_before_optimizer_step`` (after accumulation, AMP unscaling and the DDP all-reduce, so
-    every rank sees the same one) it is copied on update steps only (RigL), then multiplied by
-    ``M`` on every step. After every optimizer step the dense weights are multiplied by ``M``,
-    and after every mask update so is every optimizer-state tensor of their shape (between
-    updates the masked gradients keep those at 0): pruned weights stay exactly zero.
+    every rank sees the same one) and then multiplied by ``M``.
 
     Logs ``sparsity/drop_fraction`` (``α_t`` at the current step, 0 from ``T_end`` on) and
     ``sparsity/mask_changes`` (grown positions over active positions, all layers, at the last
@@ -64,8 +63,9 @@ class DynamicSparsity(Callback):
 
     Runs on: ``setup`` (targets, claims, random masks, ``T_end`` from ``max_steps``),
     ``on_fit_start`` (``T_end`` from the estimated steps), ``on_train_start`` (weights and
-    optimizer state masked), ``on_before_optimizer_step``, ``on_train_batch_end`` when
-    ``trainer.global_step`` advanced (masking, update if due, logging).
+    optimizer state masked), ``on_train_batch_start`` and ``on_before_optimizer_step`` (the
+    dense gradient before a RigL update), ``on_train_batch_end`` when ``trainer.global_step``
+    advanced (update if due, logging).
 
     Args:
         sparsity: overall fraction of pruned weights among the targets, in [0, 1).
@@ -165,7 +165,7 @@ class DynamicSparsity(Callback):
             with torch.no_grad():
                 weight.mul_(mask)
             count = int(mask.sum())
-            sparsity.attach_mask(module, mask=mask, in_place=True, density=count / mask.numel())
+            sparsity.attach_mask(module, mask=mask, ste=False, density=count / mask.numel())
         self.targets = targets
         self.group = sparsity.MaskGroup(targets)
         self.densities = densities
@@ -185,6 +185,7 @@ class DynamicSparsity(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # here, not in on_fit_start: global_step and the optimizer state are restored by now
         self._enforce(trainer)
+        self.group.pass_through(False)
         self._last_step = trainer.global_step
 
     # masks ----------------------------------------------------------------------------------
@@ -215,27 +216,36 @@ class DynamicSparsity(Callback):
         self._mask_changes = grown_total / max(1, sum(self.active.values()))
         self._last_update = step
 
-    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
-        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
-
-        The state needs zeroing only when masks change: between changes gradients are masked
-        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
-        the update there is 0 (weight decay of a zero weight is zero too). The weights are
-        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
-        """
-        self.group.zero_pruned(trainer.optimizers if state else ())
+    def _enforce(self, trainer: Trainer) -> None:
+        """Zero the dense weights and their optimizer state at pruned positions (at the start
+        and when masks change). In between nothing is needed: forward multiplies ``W`` by the
+        mask, so autograd gives pruned positions an exact 0 gradient, their momentum and Adam
+        moments stay 0, and the update there is 0 (weight decay of a zero weight is zero too)."""
+        self.group.zero_pruned(trainer.optimizers)
 
     # hooks ----------------------------------------------------------------------------------
+    def _captures(self, trainer: Trainer) -> bool:
+        """Whether the optimizer step now running precedes a RigL update (global_step still
+        counts the steps before it): its dense gradient decides regrowth."""
+        return self.method == "rigl" and self.is_update(trainer.global_step + 1)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._captures(trainer):
+            # forward reads W as is (W is zero at pruned positions, so the value is the same):
+            # W.grad is then the dense gradient ∂L/∂(W ⊙ M) at every position
+            self.group.pass_through(True)
+
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        # global_step still counts the steps before this one
-        if self.method == "rigl" and self.is_update(trainer.global_step + 1):
-            # the dense gradient (all entries reach W: forward reads it as is) decides regrowth
-            for name, module in self.targets.items():
-                grad = module.parametrizations.weight.original.grad
-                if grad is not None:
-                    self._grads[name] = grad.detach().clone()
+        if not self._captures(trainer):
+            return  # forward multiplied by M: pruned positions already have a zero gradient
+        for name, module in self.targets.items():
+            grad = module.parametrizations.weight.original.grad
+            if grad is not None:
+                self._grads[name] = grad.detach().clone()
         self.group.mask_gradients()
+        self.group.pass_through(False)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -243,7 +253,6 @@ class DynamicSparsity(Callback):
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating micro-batches
-        self._enforce(trainer, state=False)
         if self.is_update(step) and self._last_update != step:
             self._update(step)
             self._enforce(trainer)

@@ -41,15 +41,13 @@ class MagnitudePruning(Callback):
     schedule's sparsity is reached on top of an N:M floor; ``final_sparsity`` must be
     ``1 − n/m``, and the update at ``end_step`` leaves exactly ``n`` of every ``m``.
 
-    Pruned weights stay exactly zero: the :mod:`lit_eff.sparsity` mask is ``in_place`` (``W``
-    is zeroed at pruned positions when a mask changes, so forward reads ``W = W ⊙ M`` at no
-    cost); gradients are multiplied by ``M`` in
-    ``on_before_optimizer_step``; after every optimizer step the dense weight is multiplied by
-    ``M``, and at every mask change so is every optimizer-state tensor of its shape (AdamW
-    ``exp_avg``/``exp_avg_sq``, SGD momentum; between changes the masked gradients keep them at
-    0), so neither momentum nor weight decay brings a pruned weight back and
-    ``lit_eff.sparsity.export`` gives exact zeros. The per-step work is a few fused ``foreach``
-    ops over all layers (:class:`lit_eff.sparsity.MaskGroup`).
+    Pruned weights stay exactly zero: forward reads ``W ⊙ M`` (a :mod:`lit_eff.sparsity` mask
+    with the plain masked gradient, one multiply per layer), so autograd gives pruned positions
+    an exact zero gradient; at every mask change the dense weight and every optimizer-state
+    tensor of its shape (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) are multiplied by
+    ``M``. Between changes their moments stay 0 and their update is 0, so neither momentum nor
+    weight decay brings a pruned weight back, and ``lit_eff.sparsity.export`` gives exact zeros.
+    No per-step hook work.
 
     Logs ``sparsity/target`` (``s_t``) and ``sparsity/actual`` (zeros among the targeted dense
     weights, counted) on the steps Lightning writes to its loggers (``log_every_n_steps``).
@@ -58,9 +56,8 @@ class MagnitudePruning(Callback):
     Runs on: ``setup`` (targets, checks, all-ones masks attached before the strategy wraps the
     model and before a checkpoint restore), ``on_fit_start`` (resolves ``end_step``),
     ``on_train_start`` (the update due at the current step, unless the checkpoint already holds
-    it), ``on_before_optimizer_step`` (gradient masking, after accumulation and AMP unscaling),
-    ``on_train_batch_end`` when ``trainer.global_step`` advanced (weights masked, mask update if
-    due with the optimizer state masked, logging).
+    it), ``on_train_batch_end`` when ``trainer.global_step`` advanced (mask update if due, with
+    weights and optimizer state masked; logging).
 
     Args:
         final_sparsity: ``s_f``, in [0, 1).
@@ -188,7 +185,7 @@ class MagnitudePruning(Callback):
             refuse_masked(trainer, self, {name: module}, self.targets)
         for module in targets.values():
             if not sparsity.has_mask(module):
-                sparsity.attach_mask(module, in_place=True, density=1.0)  # dense until the first update
+                sparsity.attach_mask(module, ste=False, density=1.0)  # dense until the first update
         self.targets = targets
         self.group = sparsity.MaskGroup(targets)
         if self._end is None and trainer.max_steps is not None and trainer.max_steps > 0:
@@ -244,28 +241,20 @@ class MagnitudePruning(Callback):
         self._last_update = self.update_step(step)
         self._enforce(trainer)
 
-    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
-        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
-
-        The state needs zeroing only when masks change: between changes gradients are masked
-        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
-        the update there is 0 (weight decay of a zero weight is zero too). The weights are
-        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
-        """
-        self.group.zero_pruned(trainer.optimizers if state else ())
+    def _enforce(self, trainer: Trainer) -> None:
+        """Zero the dense weights and their optimizer state at pruned positions (at the start
+        and when masks change). In between nothing is needed: forward multiplies ``W`` by the
+        mask, so autograd gives pruned positions an exact 0 gradient, their momentum and Adam
+        moments stay 0, and the update there is 0 (weight decay of a zero weight is zero too)."""
+        self.group.zero_pruned(trainer.optimizers)
 
     # hooks ----------------------------------------------------------------------------------
-    @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self.group.mask_gradients()
-
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating micro-batches
-        self._enforce(trainer, state=False)
         if self.update_step(step) == step:
             self._update(trainer, step)
         self._last_step = step

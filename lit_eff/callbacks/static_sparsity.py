@@ -31,16 +31,14 @@ class StaticSparsity(Callback):
     the model has at that moment (its initialization, or the weights it was loaded with). The
     layer density ``d`` is ``1 − sparsity`` (``distribution="uniform"``) or its Erdős–Rényi-
     Kernel share (``"erk"``; the weight-count mean is ``1 − sparsity``). Pruned weights are
-    kept exactly zero the way ``MagnitudePruning`` keeps them: an ``in_place`` mask (forward
-    reads ``W = W ⊙ M``), the gradient multiplied by ``M`` in ``on_before_optimizer_step``, the
-    dense weight multiplied by ``M`` after every optimizer step, and every optimizer-state
-    tensor of its shape (AdamW moments, SGD momentum) at the start of training (between, the
-    masked gradients keep them at 0).
+    kept exactly zero the way ``MagnitudePruning`` keeps them: forward reads ``W ⊙ M`` (plain
+    masked gradient: pruned positions get exactly 0), and the dense weight and every
+    optimizer-state tensor of its shape (AdamW moments, SGD momentum) are multiplied by ``M`` at
+    the start of training, so moments and updates there stay 0.
 
     **Release** (ALGORITHMS.md §3), after the optimizer step that reaches ``release_step`` (or
-    ``int(release_fraction ×`` the training steps``)``): the weights and optimizer state are
-    masked one last time, so the pruned weights are exactly zero with zero moments, and the
-    mask becomes all ones. From then on every weight trains densely; the layers report density 1
+    ``int(release_fraction ×`` the training steps``)``): the pruned weights are exactly zero
+    with zero moments at that moment, and the mask becomes all ones. From then on every weight trains densely; the layers report density 1
     to ``FlopsMonitor`` (before: ``d``). The all-ones mask stays attached until
     ``lit_eff.sparsity.export(model)``: removing the parametrization mid-run would change the
     checkpoint keys and the optimizer's parameter order, so a checkpoint written after the
@@ -54,9 +52,8 @@ class StaticSparsity(Callback):
 
     Runs on: ``setup`` (targets, claims, masks attached before the strategy wraps the model and
     before a checkpoint restore), ``on_fit_start`` (resolves ``release_fraction``),
-    ``on_train_start`` (masking, or the release if it is due), ``on_before_optimizer_step``
-    (gradient masking), ``on_train_batch_end`` when ``trainer.global_step`` advanced (masking,
-    release, logging).
+    ``on_train_start`` (masking, or the release if it is due), ``on_train_batch_end`` when
+    ``trainer.global_step`` advanced (release, logging).
 
     Args:
         sparsity: fraction of pruned weights among the targets, in [0, 1).
@@ -139,7 +136,7 @@ class StaticSparsity(Callback):
             mask = self._initial_mask(name, weight, densities[name])
             with torch.no_grad():
                 weight.mul_(mask)
-            sparsity.attach_mask(module, mask=mask, in_place=True, density=int(mask.sum()) / mask.numel())
+            sparsity.attach_mask(module, mask=mask, ste=False, density=int(mask.sum()) / mask.numel())
         self.targets = targets
         self.group = sparsity.MaskGroup(targets)
         self.densities = densities
@@ -174,15 +171,12 @@ class StaticSparsity(Callback):
     def _due(self, step: int) -> bool:
         return self._release is not None and step >= self._release
 
-    def _enforce(self, trainer: Trainer, state: bool = True) -> None:
-        """Zero the dense weights at pruned positions, and (``state``) their optimizer state.
-
-        The state needs zeroing only when masks change: between changes gradients are masked
-        before every step, so momentum and Adam moments of pruned positions stay exactly 0 and
-        the update there is 0 (weight decay of a zero weight is zero too). The weights are
-        zeroed after every step anyway, so forward reads a masked weight whatever the optimizer.
-        """
-        self.group.zero_pruned(trainer.optimizers if state else ())
+    def _enforce(self, trainer: Trainer) -> None:
+        """Zero the dense weights and their optimizer state at pruned positions (at the start
+        and when masks change). In between nothing is needed: forward multiplies ``W`` by the
+        mask, so autograd gives pruned positions an exact 0 gradient, their momentum and Adam
+        moments stay 0, and the update there is 0 (weight decay of a zero weight is zero too)."""
+        self.group.zero_pruned(trainer.optimizers)
 
     @torch.no_grad()
     def _release_masks(self, step: int) -> None:
@@ -193,20 +187,13 @@ class StaticSparsity(Callback):
 
     # hooks ----------------------------------------------------------------------------------
     @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if not self.released:
-            self.group.mask_gradients()
-
-    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating micro-batches
-        if not self.released:
-            self._enforce(trainer, state=False)
-            if self._due(step):
-                self._release_masks(step)
+        if not self.released and self._due(step):
+            self._release_masks(step)
         self._last_step = step
         log_step(trainer, pl_module, {"sparsity/target": 0.0 if self.released else self.sparsity,
                                       "sparsity/released": float(self.released)})

@@ -94,6 +94,13 @@ class MaskGroup:
             if p._beta != beta:
                 set_beta(module, beta)
 
+    def pass_through(self, enabled: bool) -> None:
+        """While enabled, forward reads the dense weights as they are, so their gradients are
+        dense (RigL's growth criterion). Only valid while the dense weights are zero at pruned
+        positions: the masked value is then the same."""
+        for p in self.params:
+            p.pass_through = enabled
+
     # per-step enforcement ------------------------------------------------------------------------
     @torch.no_grad()
     def mask_gradients(self) -> None:

@@ -103,12 +103,14 @@ class Mask(nn.Module):
         self.register_buffer("mask_values", mask.float(), persistent=False)
         self.ste = ste
         self.in_place = in_place
+        # forward returns W as is for a while (see MaskGroup.pass_through); not saved
+        self.pass_through = False
         self._beta = float(beta)  # host copies, so reporting a density needs no device sync
         self._density = _mask_density(mask)  # 1.0: forward skips the mask
         self._order: list[str] = []
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.in_place or self._density == 1.0:  # nothing pruned (dense warm-up, released masks)
+        if self.in_place or self.pass_through or self._density == 1.0:  # nothing to mask
             return weight
         if not self.ste:
             return weight * self.mask_values if self._beta == 0 else torch.where(self.mask, weight, weight * self.beta)
