@@ -15,7 +15,6 @@
 >>> _ = sparsity.export(model)                                  # plain GPT with 2:4 zeros
 """
 
-from lit_eff.sparsity.enforce import mask_gradients, zero_pruned
 from lit_eff.sparsity.group import MaskGroup
 from lit_eff.sparsity.masks import (
     erk_densities,
@@ -62,7 +61,6 @@ __all__ = [
     "is_2to4",
     "layers_2to4",
     "magnitude_mask",
-    "mask_gradients",
     "masked_modules",
     "nm_mask",
     "nm_masks",
@@ -76,5 +74,4 @@ __all__ = [
     "validate_density",
     "validate_nm",
     "validate_sparsity",
-    "zero_pruned",
 ]

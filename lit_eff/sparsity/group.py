@@ -65,8 +65,7 @@ class MaskGroup:
         """Copy ``masks`` (bool, one per layer, the weights' shapes) into the mask buffers.
 
         ``density`` (one for all layers, e.g. ``n / m``, or one per layer) saves counting them;
-        ``None`` counts; ``1.0`` promises an all-ones mask. ``in_place`` masks also zero their
-        dense weights.
+        ``None`` counts; ``1.0`` promises an all-ones mask.
         """
         if len(masks) != len(self.params):
             raise ValueError(f"Expected {len(self.params)} masks (one per layer), got {len(masks)}")
@@ -76,9 +75,6 @@ class MaskGroup:
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
         torch._foreach_copy_([p.mask for p in self.params], masks)
         torch._foreach_copy_([p.mask_values for p in self.params], masks)
-        zero = [(w, p.mask_values) for w, p in zip(self.weights, self.params) if p.in_place]
-        if zero:
-            _foreach(torch._foreach_mul_, [w for w, _ in zero], [v for _, v in zero])
         densities = density if isinstance(density, list) else [density] * len(self.params)
         for module, p, d in zip(self.modules, self.params, densities):
             new = float(p.mask.count_nonzero()) / p.mask.numel() if d is None else float(d)

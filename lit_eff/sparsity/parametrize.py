@@ -28,8 +28,8 @@ writes ``module.weight`` (``torch.nn.utils.prune``'s way), because
 - masks and ``β`` are ordinary buffers of a submodule, so ``state_dict``, ``.to(device)``,
   dtype casts and DDP's buffer broadcast carry them with no extra code;
 - the effective weight is computed once per access from plain autograd ops (one multiply, one
-  subtraction, one addition: the straight-through gradient with no Python in backward), or not
-  at all for ``in_place`` masks, whose owner keeps the dense weight zero at pruned positions.
+  subtraction, one addition: the straight-through gradient with no Python in backward; one
+  multiply with ``ste=False``), and not at all for an all-ones mask.
 
 What it costs, and what to know:
 
@@ -83,26 +83,21 @@ class Mask(nn.Module):
     """The parametrization: ``forward(W) = W ⊙ (E + β(1−E))`` with buffers ``mask`` and ``beta``.
 
     Use :func:`attach_mask`, :func:`set_mask` and :func:`set_beta` rather than editing the
-    buffers directly, so that the density reported for FLOP counting (and, with
-    ``in_place=True``, the zeros of the dense weight) stay right.
+    buffers directly, so that the density reported for FLOP counting stays right.
 
     The straight-through gradient is built from plain autograd ops,
     ``stop_grad(W ⊙ (E + β(1−E))) + (W − stop_grad(W))``: the value is exactly the masked
     weight (``W − W`` is exactly 0) and the gradient reaches ``W`` through one subtraction,
     with no Python in backward (a Python ``autograd.Function`` cost twice as much per step).
-    ``in_place=True`` (``β = 0`` only) keeps the dense weight itself at zero at pruned
-    positions, so forward returns it unchanged at no cost; the gradient then reaches every
-    entry, and the owner masks it before each optimizer step (:func:`~lit_eff.sparsity.mask_gradients`).
     """
 
-    def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True, in_place: bool = False) -> None:
+    def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
         self.register_buffer("beta", torch.tensor(float(beta), device=mask.device))
         # the mask as numbers, for fused multiplies (kept in the weight's dtype by set_mask)
         self.register_buffer("mask_values", mask.float(), persistent=False)
         self.ste = ste
-        self.in_place = in_place
         # forward returns W as is for a while (see MaskGroup.pass_through); not saved
         self.pass_through = False
         self._beta = float(beta)  # host copies, so reporting a density needs no device sync
@@ -110,7 +105,7 @@ class Mask(nn.Module):
         self._order: list[str] = []
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.in_place or self.pass_through or self._density == 1.0:  # nothing to mask
+        if self.pass_through or self._density == 1.0:  # nothing to mask
             return weight
         if not self.ste:
             return weight * self.mask_values if self._beta == 0 else torch.where(self.mask, weight, weight * self.beta)
@@ -123,7 +118,7 @@ class Mask(nn.Module):
         return value
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.mask.shape)}, ste={self.ste}, in_place={self.in_place}"
+        return f"shape={tuple(self.mask.shape)}, ste={self.ste}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,16 +194,13 @@ def _mask_density(mask: torch.Tensor) -> float:
 # public functions
 # ---------------------------------------------------------------------------------------------
 def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None, *, beta: float = 0.0,
-                ste: bool = True, density: float | None = None, in_place: bool = False) -> Mask:
+                ste: bool = True, density: float | None = None) -> Mask:
     """Mask ``module.<name>``: from now on it reads ``W ⊙ (E + β(1−E))``.
 
     ``mask`` is boolean (or 0/1) with the weight's shape; ``None`` starts dense. ``ste=True``
     passes gradients straight through to all of ``W``. ``density``, if known (N:M gives
     ``n / m``), saves counting the mask; ``density=1`` promises an all-ones mask, and forward
-    then returns ``W`` without masking work. ``in_place=True`` (β = 0 only) zeroes ``W`` at pruned
-    positions now and at every :func:`set_mask`, and forward reads ``W`` as is: for techniques
-    whose pruned weights stay zero (their gradients and optimizer state are masked every step).
-    Returns the :class:`Mask` parametrization.
+    then returns ``W`` without masking work. Returns the :class:`Mask` parametrization.
     """
     if get_parametrization(module, name) is not None:
         raise ValueError(f"{_describe(module)}.{name} already has a lit_eff mask; a weight takes one "
@@ -221,13 +213,8 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
     if not isinstance(weight, nn.Parameter):
         raise ValueError(f"Expected `{name}` to be a parameter of {_describe(module)}, got {type(weight).__name__}")
     _check_beta(beta)
-    if in_place and beta != 0:
-        raise ValueError(f"Expected `beta` = 0 with in_place=True (pruned weights are zero), got beta={beta}")
     mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None else _as_mask(mask, weight)
-    if in_place:
-        with torch.no_grad():
-            weight.mul_(mask)
-    param = Mask(mask.clone(), beta, ste, in_place)
+    param = Mask(mask.clone(), beta, ste)
     param.mask_values = param.mask_values.to(weight.dtype)
     param._order = list(module._parameters)  # export puts the weight back in its place
     parametrize.register_parametrization(module, name, param, unsafe=True)
@@ -257,9 +244,6 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight", densit
     param = _require(module, name)
     param.mask.copy_(_as_mask(mask, param.mask))
     param.mask_values.copy_(param.mask)
-    if param.in_place:
-        with torch.no_grad():
-            module.parametrizations[name].original.mul_(param.mask_values)
     param._density = _mask_density(param.mask) if density is None else float(density)
     _report(module)
 
@@ -268,8 +252,6 @@ def set_beta(module: nn.Module, beta: float, name: str = "weight") -> None:
     """Set the scale of pruned weights (``0``: plain mask; ``1``: dense forward)."""
     _check_beta(beta)
     param = _require(module, name)
-    if param.in_place and beta != 0:
-        raise ValueError(f"Expected `beta` = 0 for an in_place mask (pruned weights are zero), got beta={beta}")
     param.beta.fill_(beta)
     param._beta = float(beta)
     _report(module)

@@ -255,26 +255,6 @@ def test_flop_tracker_counts_masked_matmuls_at_their_density():
     assert get_density(model[0]) == 1.0
 
 
-def test_in_place_mask_zeroes_the_dense_weight_and_forward_reads_it_as_is():
-    torch.manual_seed(0)
-    layer = _layer()
-    mask = nm_mask(layer.weight, 2, 4)
-    param = attach_mask(layer, mask=mask, in_place=True)
-    dense = layer.parametrizations.weight.original
-    assert (dense[~mask] == 0).all() and (dense[mask] != 0).all()
-    assert layer.weight is dense  # no copy, no graph node: forward costs nothing
-    new = random_mask(mask.shape, 0.25, torch.Generator().manual_seed(1))
-    set_mask(layer, new)  # a new mask zeroes the newly pruned positions too
-    assert (dense[~new] == 0).all() and torch.equal(param.mask, new)
-    # the gradient reaches every entry (the owner masks it before the optimizer step)
-    layer(torch.randn(3, 16)).sum().backward()
-    assert (dense.grad[~new] != 0).any()
-    with pytest.raises(ValueError, match=r"Expected `beta` = 0 for an in_place mask.*beta=0.5"):
-        set_beta(layer, 0.5)
-    with pytest.raises(ValueError, match=r"Expected `beta` = 0 with in_place=True.*beta=0.3"):
-        attach_mask(_layer(), in_place=True, beta=0.3)
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 def test_straight_through_value_is_exact_and_gradient_reaches_all_weights(beta):
     torch.manual_seed(0)
