@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lit_eff.sparsity.masks import nm_masks
-from lit_eff.sparsity.parametrize import Mask, _report, get_parametrization
+from lit_eff.sparsity.parametrize import Mask, _report, get_parametrization, set_beta
 
 
 def _foreach(op, tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
@@ -84,8 +84,6 @@ class MaskGroup:
 
     def set_beta(self, beta: float) -> None:
         """β of every layer (only those whose β changes are touched)."""
-        from lit_eff.sparsity.parametrize import set_beta
-
         for module, p in zip(self.modules, self.params):
             if p._beta != beta:
                 set_beta(module, beta)
