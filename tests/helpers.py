@@ -45,6 +45,18 @@ def make_trainer(**kwargs: Any) -> Trainer:
     return Trainer(**defaults)
 
 
+def fit(callbacks, model: str = "vit", **trainer_kwargs: Any):
+    """Seed 0, fit the tiny ``model`` family with ``callbacks`` (2 steps unless told), return
+    ``(trainer, module)``."""
+    seeded(0)
+    make_model, make_data = MODELS[model]
+    module, data = make_model(), make_data()
+    trainer_kwargs.setdefault("max_steps", 2)
+    trainer = make_trainer(callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer, module
+
+
 def flat_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

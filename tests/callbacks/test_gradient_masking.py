@@ -18,17 +18,7 @@ from lit_eff.callbacks import GradientMasking, LayerFreezing, MagnitudePruning, 
 from lit_eff.callbacks.gradient_masking import dense_weight
 from lit_eff.gradients import kept_count
 from lit_eff.schedules import Linear
-from tests.helpers import MODELS, make_trainer, seeded, tiny_vit
-
-
-def run(callbacks, model="vit", **trainer_kwargs):
-    seeded(0)
-    make_model, make_data = MODELS[model]
-    module, data = make_model(), make_data()
-    trainer_kwargs.setdefault("max_steps", 2)
-    trainer = make_trainer(callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module, datamodule=data)
-    return trainer, module
+from tests.helpers import fit as run, seeded, tiny_vit
 
 
 def grad_mask(callbacks):

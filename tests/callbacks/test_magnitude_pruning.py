@@ -9,17 +9,7 @@ from lightning.pytorch import Callback
 
 from lit_eff import sparsity
 from lit_eff.callbacks import FlopsMonitor, MagnitudePruning, NMSparsity
-from tests.helpers import MODELS, make_trainer, masked_layer_flops, seeded
-
-
-def run(callbacks, model="vit", **trainer_kwargs):
-    seeded(0)
-    make_model, make_data = MODELS[model]
-    module, data = make_model(), make_data()
-    trainer_kwargs.setdefault("max_steps", 2)
-    trainer = make_trainer(callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module, datamodule=data)
-    return trainer, module
+from tests.helpers import fit as run, MODELS, make_trainer, masked_layer_flops, seeded
 
 
 def formula(step, s_i, s_f, t0, end, every, power):
