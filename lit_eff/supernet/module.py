@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -44,6 +45,7 @@ from lit_eff.supernet.elastic import ElasticGPT, ElasticViT
 from lit_eff.supernet.export import export_subnet
 from lit_eff.supernet.flops import SubnetFlops
 from lit_eff.supernet.losses import kd_alpha, kd_kl
+from lit_eff.supernet.reorganize import reorganize_middle_weights
 from lit_eff.supernet.samplers import PerformanceAware, Sandwich, SubnetSampler
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
 
@@ -139,6 +141,22 @@ class SupernetModule(LightningModule):
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
         self.sampler.bind(self.space, self.flops, self.trainer.estimated_stepping_batches)
+        self._reorganized_at: int | None = None
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        unsharded = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(
+            strategy, DeepSpeedStrategy)
+        if stage == "fit" and getattr(self.sampler, "reorganize", False) and not unsharded:
+            raise ValueError(f"DelayedShrinking(reorganize=True) permutes whole weight matrices, which needs every "
+                             f"parameter unsharded on each rank; got strategy {type(strategy).__name__}. "
+                             f"Use a single device or DDP, or set reorganize: false")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.sampler.reorganize_step()
+        if step == self.global_step and self._reorganized_at != step:  # once, before the step's first micro-batch
+            reorganize_middle_weights(self.model, self.trainer.optimizers[0] if self.trainer.optimizers else None)
+            self._reorganized_at = step
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -64,6 +64,10 @@ class SubnetSampler:
     def observe(self, step: int, draws: list[Draw], losses: list[float]) -> None:
         pass
 
+    def reorganize_step(self) -> int | None:
+        """The step before which the module sorts the middle weights by importance (None: never)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -256,10 +260,13 @@ class PerformanceAware(ComplexityAware):
 class DelayedShrinking(SubnetSampler):
     """DεpS: only the full model until ``start_fraction`` of training, then the sandwich rule over
     the whole space at once (max, min, ``k`` random), the non-max subnets' loss (hence gradient)
-    weight ramping linearly from 0 to ``multiplier`` over ``warmup_fraction`` of training."""
+    weight ramping linearly from 0 to ``multiplier`` over ``warmup_fraction`` of training. With
+    ``reorganize`` (the paper's shrink start) the module first sorts every block's MLP units and
+    heads by importance (:func:`lit_eff.supernet.reorganize.reorganize_middle_weights`), so the
+    small subnets start from the full model's most important units."""
 
     def __init__(self, start_fraction: float = 0.5, warmup_fraction: float = 0.05, k: int = 2,
-                 multiplier: float = 1.0) -> None:
+                 multiplier: float = 1.0, reorganize: bool = True) -> None:
         super().__init__()
         if not is_number(start_fraction) or not 0.0 <= start_fraction < 1.0:
             raise ValueError(f"Expected `start_fraction` in [0, 1), got start_fraction={start_fraction!r}")
@@ -269,8 +276,14 @@ class DelayedShrinking(SubnetSampler):
         _check_k(k)
         if not is_number(multiplier) or multiplier <= 0:
             raise ValueError(f"Expected `multiplier` > 0, got multiplier={multiplier!r}")
+        if not isinstance(reorganize, bool):
+            raise ValueError(f"Expected `reorganize` to be true or false, got reorganize={reorganize!r}")
         self.start_fraction, self.warmup_fraction, self.k, self.multiplier = (
             float(start_fraction), float(warmup_fraction), k, float(multiplier))
+        self.reorganize = reorganize
+
+    def reorganize_step(self) -> int | None:
+        return self.start_step() if self.reorganize else None
 
     def start_step(self) -> int:
         return int(self.start_fraction * self.total_steps)

@@ -23,6 +23,7 @@ SAMPLERS = {
     "sandwich": lambda: Sandwich(k=1),
     "perf": lambda: PerformanceAware(num_buckets=2, k=2, q=0.5, capacity=2),
     "complexity": lambda: ComplexityAware(num_buckets=3, k=1),
+    "deps": lambda: DelayedShrinking(start_fraction=0.5, warmup_fraction=0.25, k=1),  # reorganizes at step 4
 }
 
 
@@ -71,7 +72,7 @@ def test_short_fit(arch, variant):
     assert recorder.steps[0][0] == module.space.max().short() and recorder.steps[0][1] == module.space.min().short()
 
 
-@pytest.mark.parametrize("sampler", ["perf", "complexity"])
+@pytest.mark.parametrize("sampler", ["perf", "complexity", "deps"])
 def test_resume_restores_sampler_state_exactly(sampler, tmp_path):
     full_trainer, full_module, full_rec = fit(sampler=sampler, ckpt_dir=tmp_path / "ckpt")
     reference = flat_state(full_module)
