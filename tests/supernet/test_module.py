@@ -99,7 +99,7 @@ class CommHook(Callback):
         trainer.strategy.model.register_comm_hook(None, counting_allreduce)
 
 
-@pytest.mark.parametrize("sampler", ["perf"])
+@pytest.mark.parametrize("sampler", ["perf", "deps"])  # deps: the shrink-start reorganization at step 3
 def test_ddp_two_ranks_train_identical_subnets(sampler, tmp_path):
     seeded(0)
     module = tiny_supernet("vit", sampler=SAMPLERS[sampler]())
