@@ -3,7 +3,7 @@ of each run's TensorBoard logs, runs with the same label averaged (seeds), as a 
 and an accuracy-vs-FLOPs PNG.
 
     python -m lit_eff.supernet.compare sandwich=runs/sandwich/s0 sandwich=runs/sandwich/s1 \\
-        dεps=runs/deps/s0 --stage test --metric acc --out supernet_samplers.png
+        deps=runs/deps/s0 --stage test --metric acc --out supernet_samplers.png
 """
 
 from __future__ import annotations
