@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -18,3 +19,12 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def training_steps(trainer: Any, who: str, fix: str) -> int:
+    """The run's optimizer steps (``trainer.estimated_stepping_batches``), or ``"<who> cannot tell
+    the length of training: <fix>"`` when it is unknown (an infinite or empty loader)."""
+    estimated = trainer.estimated_stepping_batches
+    if not math.isfinite(estimated) or estimated <= 0:
+        raise ValueError(f"{who} cannot tell the length of training: {fix}")
+    return int(estimated)

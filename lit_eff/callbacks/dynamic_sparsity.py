@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
-from lit_eff.callbacks._checks import check_choice, is_int, is_number
+from lit_eff.callbacks._checks import check_choice, is_int, is_number, training_steps
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.callbacks._logging import log_step
 from lit_eff.schedules import Cosine
@@ -176,10 +176,7 @@ class DynamicSparsity(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._end is None:
-            estimated = trainer.estimated_stepping_batches
-            if not math.isfinite(estimated) or estimated <= 0:
-                raise ValueError("DynamicSparsity cannot tell the length of training: set trainer.max_steps")
-            self._end = int(self.stop_fraction * estimated)
+            self._end = int(self.stop_fraction * training_steps(trainer, "DynamicSparsity", "set trainer.max_steps"))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_eff.callbacks._checks import is_int
+from lit_eff.callbacks._checks import is_int, training_steps
 from lit_eff.callbacks._claims import describe_in
 from lit_eff.callbacks._logging import log_step
 from lit_eff.callbacks.gradient_masking import refuse_sharded
@@ -165,11 +165,7 @@ class LayerFreezing(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._total is None:
-            estimated = trainer.estimated_stepping_batches
-            if not math.isfinite(estimated) or estimated <= 0:
-                raise ValueError("LayerFreezing cannot tell the length of training: set `total_steps` or "
-                                 "trainer.max_steps")
-            self._total = int(estimated)
+            self._total = training_steps(trainer, "LayerFreezing", "set `total_steps` or trainer.max_steps")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

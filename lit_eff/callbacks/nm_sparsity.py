@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
-from lit_eff.callbacks._checks import check_choice
+from lit_eff.callbacks._checks import check_choice, training_steps
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.callbacks._logging import log_step
 from lit_eff.sparsity.masks import validate_nm
@@ -230,10 +230,7 @@ class NMSparsity(Callback):
 
     def _resolve_total(self, trainer: Trainer) -> None:
         if self._total is None:
-            estimated = trainer.estimated_stepping_batches
-            if not math.isfinite(estimated) or estimated <= 0:
-                raise ValueError("NMSparsity cannot tell the length of training: set `total_steps` or trainer.max_steps")
-            self._total = int(estimated)
+            self._total = training_steps(trainer, "NMSparsity", "set `total_steps` or trainer.max_steps")
             self._check_phases(self.dense_steps, self.finetune_steps, self._total)
 
     # masks ----------------------------------------------------------------------------------

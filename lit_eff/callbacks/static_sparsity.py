@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity
-from lit_eff.callbacks._checks import check_choice, is_int, is_number
+from lit_eff.callbacks._checks import check_choice, is_int, is_number, training_steps
 from lit_eff.callbacks._claims import refuse_masked
 from lit_eff.callbacks._logging import log_step
 from lit_eff.seeding import generator, run_seed
@@ -146,11 +145,8 @@ class StaticSparsity(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._release is None and self.release_fraction is not None:
-            estimated = trainer.estimated_stepping_batches
-            if not math.isfinite(estimated) or estimated <= 0:
-                raise ValueError("StaticSparsity cannot tell the length of training for `release_fraction`: set "
-                                 "`release_step` or trainer.max_steps")
-            self._release = max(1, int(self.release_fraction * estimated))
+            total = training_steps(trainer, "StaticSparsity", "set `release_step` or trainer.max_steps")
+            self._release = max(1, int(self.release_fraction * total))
 
     @property
     def resolved_release_step(self) -> int | None:
