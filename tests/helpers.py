@@ -45,10 +45,13 @@ def make_trainer(**kwargs: Any) -> Trainer:
     return Trainer(**defaults)
 
 
-def fit(callbacks, model: str = "vit", **trainer_kwargs: Any):
+def fit(callbacks, model: str = "vit", run_seed: int | None = None, monkeypatch=None, **trainer_kwargs: Any):
     """Seed 0, fit the tiny ``model`` family with ``callbacks`` (2 steps unless told), return
-    ``(trainer, module)``."""
+    ``(trainer, module)``. ``run_seed`` (with pytest's ``monkeypatch``) keeps the same model init
+    but gives the techniques another run seed (``PL_GLOBAL_SEED``)."""
     seeded(0)
+    if run_seed is not None:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
     make_model, make_data = MODELS[model]
     module, data = make_model(), make_data()
     trainer_kwargs.setdefault("max_steps", 2)

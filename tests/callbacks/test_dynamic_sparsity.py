@@ -12,19 +12,7 @@ from lightning.pytorch import Callback
 
 from lit_eff import sparsity
 from lit_eff.callbacks import DynamicSparsity, FlopsMonitor, MagnitudePruning
-from tests.helpers import MODELS, make_trainer, masked_layer_flops, seeded
-
-
-def run(callbacks, model="vit", seed_env=None, monkeypatch=None, **trainer_kwargs):
-    seeded(0)
-    if seed_env is not None:  # same model init, another run seed for the technique
-        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed_env))
-    make_model, make_data = MODELS[model]
-    module, data = make_model(), make_data()
-    trainer_kwargs.setdefault("max_steps", 2)
-    trainer = make_trainer(callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module, datamodule=data)
-    return trainer, module
+from tests.helpers import fit, masked_layer_flops
 
 
 def dense(module):
@@ -69,7 +57,7 @@ def alpha(step, alpha0, end):
 def test_sparsity_is_constant_grown_weights_start_at_zero_and_masks_freeze_after_t_end():
     technique = DynamicSparsity(sparsity=0.6, update_every=1, drop_fraction=0.5, stop_fraction=0.5)
     probe = Probe(technique)
-    trainer, _ = run([technique, probe], max_steps=8)
+    trainer, _ = fit([technique, probe], max_steps=8)
     assert technique.end_step == 4
     initial = probe.masks[0]
     counts = {n: int(m.sum()) for n, m in initial.items()}
@@ -102,7 +90,7 @@ def test_rigl_grows_exactly_the_top_gradient_positions():
     t, end, alpha0 = 2, 4, 0.5
     technique = DynamicSparsity(sparsity=0.75, update_every=2, drop_fraction=alpha0, stop_fraction=1.0)
     before, after = Probe(technique), Probe(technique)
-    run([before, technique, after], max_steps=4)
+    fit([before, technique, after], max_steps=4)
     for name, old in before.masks[t - 1].items():
         weight, grad = before.weights[t][name], before.grads[t][name]  # grad: dense, before masking
         assert (grad[~old] != 0).any(), name  # straight-through: inactive positions get gradients
@@ -129,7 +117,7 @@ def test_set_grows_at_random_the_same_with_the_same_seed_and_differently_with_an
         technique = DynamicSparsity(sparsity=0.5, method="set", update_every=1, drop_fraction=0.5,
                                     stop_fraction=1.0)
         probe = Probe(technique)
-        run([technique, probe], model="gpt", max_steps=3, seed_env=seed_env, monkeypatch=monkeypatch)
+        fit([technique, probe], model="gpt", max_steps=3, run_seed=seed_env, monkeypatch=monkeypatch)
         for step in (1, 2):
             for name, mask in probe.masks[step].items():
                 assert int(mask.sum()) == int(probe.masks[0][name].sum()), (step, name)
@@ -146,7 +134,7 @@ def test_set_grows_at_random_the_same_with_the_same_seed_and_differently_with_an
 
 def test_erk_distribution_sets_each_layers_density():
     technique = DynamicSparsity(sparsity=0.8, distribution="erk", update_every=1, stop_fraction=1.0)
-    trainer, _ = run([technique], max_steps=2)
+    trainer, _ = fit([technique], max_steps=2)
     shapes = {n: tuple(m.weight.shape) for n, m in technique.targets.items()}
     expected = sparsity.erk_densities(shapes, 0.2)
     assert technique.densities == pytest.approx(expected)
@@ -202,7 +190,7 @@ def test_no_matching_layer_fails_before_training():
             seen.append(1)
 
     with pytest.raises(ValueError, match=r"No linear layer matched include=\['\*decoder\*'\].*model.blocks.0.attn.qkv"):
-        run([DynamicSparsity(sparsity=0.5, include=["*decoder*"]), Step()], max_steps=2)
+        fit([DynamicSparsity(sparsity=0.5, include=["*decoder*"]), Step()], max_steps=2)
     assert not seen
 
 
@@ -211,7 +199,7 @@ def test_a_weight_masked_by_another_callback_is_refused():
     with pytest.raises(ValueError, match=r"`model.blocks.0.mlp.fc1.weight` is already masked by MagnitudePruning "
                                          r"\(trainer.callbacks\[0\]\); DynamicSparsity \(trainer.callbacks\[1\]\) "
                                          r"cannot mask it too"):
-        run([gmp, rigl], max_steps=1)
+        fit([gmp, rigl], max_steps=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +207,7 @@ def test_a_weight_masked_by_another_callback_is_refused():
 # --------------------------------------------------------------------------------------------
 def test_effective_flops_count_the_layer_densities():
     technique, monitor = DynamicSparsity(sparsity=0.5, update_every=1, stop_fraction=1.0), FlopsMonitor()
-    trainer, module = run([monitor, technique], max_steps=2)
+    trainer, module = fit([monitor, technique], max_steps=2)
     masked = masked_layer_flops(technique, trainer, module)
     assert masked > 0
     assert monitor.last_step_effective < monitor.last_step_executed
