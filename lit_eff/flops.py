@@ -25,6 +25,7 @@ with :func:`set_density`; FLOPs executed inside that module then count ``density
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
@@ -47,6 +47,8 @@ __all__ = [
     "get_density",
     "set_density",
     "clear_density",
+    "density_version",
+    "signature",
 ]
 
 
@@ -102,7 +104,7 @@ def count_flops(fn: Callable[[], Any], backward: bool = True) -> FlopCount:
 # densities reported by sparsity techniques
 # ---------------------------------------------------------------------------------------------
 _DENSITY: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
-_DENSITY_VERSION = [0]
+_DENSITY_VERSION = [0]  # changes whenever any reported density changes
 
 
 def set_density(module: nn.Module, density: float) -> None:
@@ -110,10 +112,8 @@ def set_density(module: nn.Module, density: float) -> None:
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"Expected `density` in [0, 1], got density={density}")
     if _DENSITY.get(module) != density:
-        new_module = module not in _DENSITY
         _DENSITY[module] = float(density)
-        if new_module:
-            _DENSITY_VERSION[0] += 1
+        _DENSITY_VERSION[0] += 1
 
 
 def get_density(module: nn.Module) -> float:
@@ -127,8 +127,13 @@ def clear_density(module: nn.Module) -> None:
         _DENSITY_VERSION[0] += 1
 
 
+def density_version() -> int:
+    """A number that changes whenever a reported density changes (for caches of effective counts)."""
+    return _DENSITY_VERSION[0]
+
+
 # ---------------------------------------------------------------------------------------------
-# the per-step tracker
+# the tracker
 # ---------------------------------------------------------------------------------------------
 _TENSOR_METHODS = [torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.matmul,
                    torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm, torch.Tensor.baddbmm]
@@ -153,20 +158,37 @@ def _meta_like(value: Any, grad: bool) -> Any:
     return value
 
 
-def _signature(value: Any) -> Any:
+def signature(value: Any) -> Any:
+    """A hashable description of the shapes in ``value`` (tensors, nested lists, tuples, dicts)."""
     if isinstance(value, torch.Tensor):
-        return (value.shape, value.requires_grad)
+        return (tuple(value.shape), value.dtype, value.requires_grad)
     if isinstance(value, (list, tuple)):
-        return tuple(_signature(v) for v in value)
+        return tuple(signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, signature(v)) for k, v in value.items())
     if isinstance(value, (int, float, bool, str, type(None))):
         return value
     return type(value).__name__
 
 
 def _replay(func: Any, args: tuple, kwargs: dict, grad: bool) -> FlopCount:
-    # an outer FlopCounterMode (a user's profiler, a test's reference) must not see the replay
-    with _disable_current_modes():
-        return _replay_on_meta(func, args, kwargs, grad)
+    """Count one call by replaying it forward and backward on meta tensors, in a fresh thread:
+    autograd's thread-local state (an activation-checkpointing region's saved-tensor hooks, an
+    outer ``FlopCounterMode``, autocast) must not see or disturb the replay."""
+    result: list[Any] = []
+
+    def work() -> None:
+        try:
+            result.append(_replay_on_meta(func, args, kwargs, grad))
+        except BaseException as error:  # re-raised in the calling thread
+            result.append(error)
+
+    thread = threading.Thread(target=work, name="lit_eff-flop-replay")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _replay_on_meta(func: Any, args: tuple, kwargs: dict, grad: bool) -> FlopCount:
@@ -194,81 +216,89 @@ def _sdpa_count(args: tuple, kwargs: dict, grad: bool) -> FlopCount:
     return FlopCount(forward, backward)
 
 
+def _in_backward() -> bool:
+    """Inside the autograd engine: an activation-checkpointing recompute, a Python backward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class FlopTracker(TorchFunctionMode):
     """Counts executed and sparse-effective FLOPs (forward + backward) of the code it wraps.
+
+    Each counted call adds its forward FLOPs and the FLOPs of its backward (from the ops autograd
+    would run for it), so the backward is counted when the forward runs and calls made by the
+    autograd engine itself (an activation-checkpointing recompute) are not counted again.
 
     >>> tracker = FlopTracker()
     >>> with tracker:
     ...     y = torch.nn.functional.linear(torch.randn(4, 8), torch.randn(16, 8))
     >>> tracker.executed
     1024
+
+    ``tracker.inside`` maps each module with a reported density to the executed FLOPs counted
+    inside it, so a cached count can be re-weighted when densities change.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._cache: dict[Any, FlopCount] = {}
-        self._density_stack: list[float] = [1.0]
-        self._hooked: dict[int, tuple[weakref.ref, list]] = {}
-        self._hooked_version = -1
+        self._density_stack: list[tuple[nn.Module | None, float]] = [(None, 1.0)]
+        self._handles: list = []
         self.reset()
 
     def reset(self) -> None:
         self.executed = 0
         self.effective = 0.0
         self.forward_executed = 0
+        self.inside: dict[int, list] = {}  # id(module) -> [weakref(module), executed FLOPs]
 
-    # module densities -----------------------------------------------------------------------
-    def sync_density_hooks(self) -> None:
-        """Hook the modules that have a reported density (cheap when nothing changed)."""
-        if self._hooked_version == _DENSITY_VERSION[0]:
-            return
-        wanted = {id(m): m for m in list(_DENSITY.keys())}
-        for key in list(self._hooked):
-            ref, handles = self._hooked[key]
-            if key not in wanted or ref() is not wanted[key]:
-                for handle in handles:
-                    handle.remove()
-                del self._hooked[key]
-        for key, module in wanted.items():
-            if key not in self._hooked:
-                handles = [module.register_forward_pre_hook(self._push_density),
-                           module.register_forward_hook(self._pop_density)]
-                self._hooked[key] = (weakref.ref(module), handles)
-        self._hooked_version = _DENSITY_VERSION[0]
+    # module densities: hooked only while the tracker is active --------------------------------
+    def __enter__(self):
+        for module in list(_DENSITY.keys()):
+            self._handles.append(module.register_forward_pre_hook(self._push_density))
+            self._handles.append(module.register_forward_hook(self._pop_density, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            return super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            del self._density_stack[1:]
 
     def _push_density(self, module: nn.Module, args: Any) -> None:
-        self._density_stack.append(_DENSITY.get(module, 1.0))
+        if not _in_backward():
+            self._density_stack.append((module, _DENSITY.get(module, 1.0)))
 
     def _pop_density(self, module: nn.Module, args: Any, output: Any) -> None:
-        if len(self._density_stack) > 1:
+        if len(self._density_stack) > 1 and self._density_stack[-1][0] is module:
             self._density_stack.pop()
 
-    def remove_hooks(self) -> None:
-        for _, handles in self._hooked.values():
-            for handle in handles:
-                handle.remove()
-        self._hooked.clear()
-        self._hooked_version = -1
-
-    # interception ---------------------------------------------------------------------------
+    # interception -----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if func in _COUNTED:
+        if func in _COUNTED and not _in_backward():
             grad = torch.is_grad_enabled()
             # the fast path: flat tensor arguments (F.linear, convolutions, matmuls, attention)
-            key = (func, grad, *[(a.shape, a.requires_grad) if type(a) in _TENSOR_TYPES else _signature(a)
+            key = (func, grad, *[(a.shape, a.requires_grad) if type(a) in _TENSOR_TYPES else signature(a)
                                  for a in args])
             if kwargs:
-                key = (key, _signature(tuple(sorted(kwargs.items()))))
+                key = (key, signature(tuple(sorted(kwargs.items()))))
             count = self._cache.get(key)
             if count is None:
-                if func is _SDPA:
-                    count = _sdpa_count(args, kwargs, grad)
-                else:
-                    count = _replay(func, args, kwargs, grad)
+                count = _sdpa_count(args, kwargs, grad) if func is _SDPA else _replay(func, args, kwargs, grad)
                 self._cache[key] = count
-            self.executed += count.total
+            total = count.total
+            self.executed += total
             self.forward_executed += count.forward
-            self.effective += count.total * self._density_stack[-1]
+            module, density = self._density_stack[-1]
+            self.effective += total * density
+            if module is not None:
+                entry = self.inside.get(id(module))
+                if entry is None:
+                    self.inside[id(module)] = [weakref.ref(module), total]
+                else:
+                    entry[1] += total
         return func(*args, **kwargs)

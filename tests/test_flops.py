@@ -71,7 +71,6 @@ def test_density_scales_effective_flops_of_that_module_only():
         other(layer(x))
     dense = tracker.executed
     set_density(layer, 0.5)
-    tracker.sync_density_hooks()
     tracker.reset()
     with tracker:
         other(layer(x))
@@ -80,7 +79,6 @@ def test_density_scales_effective_flops_of_that_module_only():
     assert tracker.effective == pytest.approx(dense - 0.5 * layer_flops)
     assert get_density(layer) == 0.5
     clear_density(layer)
-    tracker.sync_density_hooks()
     tracker.reset()
     with tracker:
         other(layer(x))
@@ -108,7 +106,7 @@ class ReferenceCounter(Callback):
 
 
 class VariableLengthLM(LightningModule):
-    """A GPT whose sequence length changes every step (as with token dropping)."""
+    """A GPT whose batches change length every step (8, 16, 24 tokens, cyclically)."""
 
     def __init__(self):
         super().__init__()
@@ -116,21 +114,49 @@ class VariableLengthLM(LightningModule):
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
-        logits = self.model(x[:, : 8 + 8 * (batch_idx % 3)])
-        return F.cross_entropy(logits.reshape(-1, 64), x[:, : logits.shape[1]].reshape(-1))
+        logits = self.model(x)
+        return F.cross_entropy(logits.reshape(-1, 64), x.reshape(-1))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
         data = torch.randint(0, 64, (24, 32))
+        calls = iter(range(10**6))
+
+        def collate(rows):
+            length = 8 + 8 * (next(calls) % 3)
+            return (torch.stack([r[0] for r in rows])[:, :length],)
+
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4, collate_fn=collate)
+
+
+class DataDependentLM(VariableLengthLM):
+    """Slices the sequence inside the step by a data-dependent rule: its FLOPs change with no
+    change of batch shape, so it declares its steps dynamic."""
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        x = x[:, : 8 + 8 * (int(x[0, 0]) % 3)]
+        logits = self.model(x)
+        return F.cross_entropy(logits.reshape(-1, 64), x.reshape(-1))
+
+    def flops_key(self):
+        from lit_eff.callbacks.flops_monitor import DYNAMIC
+
+        return DYNAMIC
+
+    def train_dataloader(self):
+        data = torch.randint(0, 64, (24, 32))
+        data[:, 0] = torch.arange(24) // 4
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
 
 
-@pytest.mark.parametrize("make", ["vit", "gpt", "variable"])
+@pytest.mark.parametrize("make", ["vit", "gpt", "variable", "dynamic"])
 def test_monitor_matches_flop_counter_every_step(make):
     seeded()
-    model, data = {"vit": (tiny_vit, digits), "gpt": (tiny_gpt, text), "variable": (VariableLengthLM, None)}[make]
+    model, data = {"vit": (tiny_vit, digits), "gpt": (tiny_gpt, text), "variable": (VariableLengthLM, None),
+                   "dynamic": (DataDependentLM, None)}[make]
     monitor = FlopsMonitor()
     probe = ReferenceCounter(monitor)
     trainer = make_trainer(max_steps=6, callbacks=[monitor, probe], limit_val_batches=0)
@@ -138,7 +164,9 @@ def test_monitor_matches_flop_counter_every_step(make):
     assert len(probe.reference) == 6
     for ours, ref in zip(probe.monitored, probe.reference):
         assert ours == pytest.approx(ref, rel=0.01)
-    if make == "variable":
+    if make in ("variable", "dynamic"):
         assert len(set(probe.reference)) == 3, "the step shapes did not vary"
+    # a signature is counted by tracing once, then its count is reused
+    assert monitor.counted_batches == {"vit": 1, "gpt": 1, "variable": 3, "dynamic": 6}[make]
     assert monitor.total_executed == pytest.approx(sum(probe.reference), rel=0.01)
     assert monitor.total_effective == monitor.total_executed

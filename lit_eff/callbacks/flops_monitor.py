@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+import weakref
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,7 +13,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_eff.flops import FlopTracker
+from lit_eff.flops import FlopTracker, density_version, get_density, signature
+
+#: A ``flops_key`` value meaning "this step's FLOPs depend on the data": the step is counted by
+#: tracing every time (eagerly, even under ``torch.compile``).
+DYNAMIC = object()
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
@@ -36,13 +43,45 @@ def _compute_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+@dataclass
+class StepCount:
+    """The FLOPs of one training micro-batch: executed, forward part, and the executed FLOPs
+    inside each module whose weights a technique masks (to weight them by its density)."""
+
+    executed: int
+    forward: int
+    inside: list[tuple[weakref.ref, int]] = field(default_factory=list)
+    _effective: tuple[int, float] = (-1, 0.0)  # (density version, effective FLOPs)
+
+    def effective(self) -> float:
+        version = density_version()
+        if self._effective[0] != version:
+            lost = 0.0
+            for ref, flops in self.inside:
+                module = ref()
+                if module is not None:
+                    lost += flops * (1.0 - get_density(module))
+            self._effective = (version, self.executed - lost)
+        return self._effective[1]
+
+
 class FlopsMonitor(Callback):
     """Counts the training FLOPs (forward + backward) of every optimizer step.
 
-    The count comes from the shapes each step really ran (:class:`lit_eff.flops.FlopTracker`),
-    so steps with dropped tokens or sampled subnets are counted right, and it costs one
-    dictionary lookup per matmul once a shape has been seen. Under DDP the counts of all ranks
-    are summed. Logs, per optimizer step:
+    The count comes from the shapes each step really ran: the first training batch of every
+    distinct *step signature* runs eagerly under :class:`lit_eff.flops.FlopTracker`, which
+    counts each matmul, convolution and attention call with its backward; later batches with
+    the same signature reuse that count, with no interception at all. So it works unchanged
+    with ``torch.compile`` (both ``torch.compile(lightning_module)`` and a compiled inner model:
+    the counted batch runs eagerly through ``torch.compiler.set_stance("force_eager")``, every
+    other batch runs the compiled code untouched) and with activation checkpointing (the
+    recompute in backward is not counted again: the count is the model's, not the hardware's).
+
+    A step signature is: the batch's shapes and dtypes, which parameters require gradients,
+    and the ``flops_key`` of every callback (and of the LightningModule) that defines one;
+    techniques that change shapes (dropped tokens, frozen blocks, sampled subnets) define it.
+    A technique whose FLOPs depend on the data returns :data:`DYNAMIC`, and its steps are all
+    counted by tracing. Under DDP the counts of all ranks are summed. Logs, per optimizer step:
 
     - ``flops/step``, ``flops/total``: executed FLOPs (what the hardware ran);
     - ``flops/effective_step``, ``flops/effective_total``: sparse-effective FLOPs (a module whose
@@ -52,18 +91,13 @@ class FlopsMonitor(Callback):
       or Lightning's table of CUDA devices).
 
     Logged every ``trainer.log_every_n_steps`` optimizer steps, at every validation (the totals,
-    so validation metrics line up with exact FLOPs) and at the end of training,
-    straight to ``trainer.loggers`` (TensorBoard by default). ``monitor.total_executed`` and
-    ``monitor.total_effective`` hold the running totals.
+    so validation metrics line up with exact FLOPs) and at the end of training, straight to
+    ``trainer.loggers``. ``monitor.total_executed`` and ``monitor.total_effective`` hold the
+    running totals; they are part of the checkpoint.
 
-    What is counted: the FLOP-bearing calls made inside the LightningModule's forward and inside
-    its direct submodules' forward calls during training batches (the model, a teacher, a
-    router...), with their backward. A matmul written directly in ``training_step`` on the
-    module's own tensors, outside any module call, is not seen.
-
-    Runs on: ``on_fit_start`` (forward hooks on the module and its direct children, on the
-    instance), ``on_train_batch_start``/``on_train_batch_end`` (a training batch is being
-    counted; books a finished optimizer step), ``on_fit_end`` (summary; hooks removed).
+    What is counted: every FLOP-bearing call the training step makes from its start to its
+    optimizer step (forward passes and their backward), not the optimizer step itself nor
+    validation.
 
     Args:
         peak_flops: peak FLOP/s of one device, for MFU; ``None`` looks the device up.
@@ -76,7 +110,7 @@ class FlopsMonitor(Callback):
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
-        if peak_flops is not None and peak_flops <= 0:
+        if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
             raise ValueError(f"Expected `peak_flops` > 0 (FLOP/s of one device), got peak_flops={peak_flops}")
         self.peak_flops = peak_flops
         self.tracker = FlopTracker()
@@ -87,15 +121,19 @@ class FlopsMonitor(Callback):
         self.steps = 0
         self.last_step_executed = 0.0
         self.last_step_effective = 0.0
+        self.counted_batches = 0  # batches counted by tracing (the others reused a count)
+        self._cache: dict[Hashable, StepCount] = {}
+        self._keyed: list[Any] = []
         self._last_step = -1
+        self._micro: list[tuple[float, float]] = []  # (executed, effective) of this step's batches
         self._step_samples = 0
         self._step_tokens = 0
         self._window: list[float] = [0.0, 0.0, 0.0]  # executed FLOPs, samples, tokens since the last log
         self._last_time: float | None = None
         self._peak: float | None = None
-        self._handles: list = []
-        self._counting = False  # inside a training batch
-        self._depth = 0  # nesting of hooked module calls
+        self._tracing = False  # a batch is being counted by tracing
+        self._counting: Hashable | None = None  # its signature (None: not to be cached)
+        self._stance: Any = None
         self._logged_step = -1
 
     # -----------------------------------------------------------------------------------------
@@ -116,37 +154,21 @@ class FlopsMonitor(Callback):
                 self._peak = get_available_flops(device, _compute_dtype(str(trainer.precision)))
 
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Intercept only inside the LightningModule's modules (its submodules' forward calls, and
-        # its own forward through ``self(...)``): the model's compute, not Lightning's logging,
-        # the loss bookkeeping or the optimizer step. Hooks sit on the instance's direct children.
-        self._handles = []
-        for module in [pl_module, *pl_module.children()]:
-            self._handles.append(module.register_forward_pre_hook(self._enter))
-            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
-
-    def _enter(self, module: Any, args: Any) -> None:
-        if self._counting:
-            if self._depth == 0:
-                self.tracker.__enter__()
-            self._depth += 1
-
-    def _exit(self, module: Any, args: Any, output: Any) -> None:
-        if self._depth:
-            self._depth -= 1
-            if self._depth == 0:
-                self.tracker.__exit__(None, None, None)
-
-    def _unwrap(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
         self._last_time = time.perf_counter()
-        self.tracker.reset()
+        self._micro = []
+        self._cache.clear()  # the model may have changed since the last fit
+        self._keyed = [cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "flops_key", None))]
+
+    # the step signature ----------------------------------------------------------------------
+    def step_key(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> Hashable:
+        """The signature of the training batch about to run (see the class docstring)."""
+        module_key = getattr(pl_module, "flops_key", None)
+        return (signature(batch), torch.is_grad_enabled(),
+                tuple(p.requires_grad for p in pl_module.parameters()),
+                tuple(cb.flops_key(trainer) for cb in self._keyed),
+                module_key() if callable(module_key) else None)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -155,24 +177,57 @@ class FlopsMonitor(Callback):
             self._step_samples += first.shape[0] if first.dim() else 1
             if not (first.is_floating_point() or first.is_complex()) and first.dim() >= 2:
                 self._step_tokens += first.numel()
-        self.tracker.sync_density_hooks()
-        self._counting = True
+        key = self.step_key(trainer, pl_module, batch)
+        dynamic = any(part is DYNAMIC for part in key[3]) or key[4] is DYNAMIC
+        count = None if dynamic else self._cache.get(key)
+        if count is not None:
+            self._micro.append((float(count.executed), count.effective()))
+            return
+        # count this batch by tracing it, eagerly (compiled code would hide its calls)
+        self._counting = None if dynamic else key
+        self._stance = torch.compiler.set_stance("force_eager")
+        self.tracker.reset()
+        self.tracker.__enter__()
+        self._tracing = True
+
+    def _finish_count(self) -> None:
+        if not self._tracing:
+            return
+        self._tracing = False
+        try:
+            self.tracker.__exit__(None, None, None)
+        finally:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+        tracker = self.tracker
+        count = StepCount(tracker.executed, tracker.forward_executed,
+                          [(ref, flops) for ref, flops in tracker.inside.values()])
+        self.counted_batches += 1
+        self._micro.append((float(count.executed), float(tracker.effective)))
+        if self._counting is not None:
+            self._cache[self._counting] = count
+        self._counting = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._finish_count()  # the optimizer step is not training FLOPs of the model
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._counting = False
+        self._finish_count()
         self.end_batch(trainer, pl_module)
 
     def end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Book the FLOPs of an optimizer step that just finished. Idempotent, so a callback that
         needs the up-to-date total (:class:`FlopsBudget`) may call it first."""
+        self._finish_count()
         if trainer.global_step <= self._last_step:
             return  # accumulating micro-batches, or already booked
         self._last_step = trainer.global_step
-        counts = [float(self.tracker.executed), float(self.tracker.effective), float(self._step_samples),
+        counts = [sum(e for e, _ in self._micro), sum(f for _, f in self._micro), float(self._step_samples),
                   float(self._step_tokens)]
-        self.tracker.reset()
+        self._micro = []
         self._step_samples = self._step_tokens = 0
         if trainer.world_size > 1:
             summed = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64,
@@ -227,6 +282,7 @@ class FlopsMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_count()
         if self._logged_step != trainer.global_step - 1 and self.steps:
             self._log(trainer, self.last_step_executed, self.last_step_effective)
         for logger in trainer.loggers:
@@ -234,11 +290,10 @@ class FlopsMonitor(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._unwrap()
+        self._finish_count()
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._unwrap()
         rank_zero_info(
             f"lit_eff: {self.steps} optimizer steps spent {self.total_executed:.4g} training FLOPs"
             f" (sparse-effective {self.total_effective:.4g})"
@@ -246,8 +301,8 @@ class FlopsMonitor(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._unwrap()
-        self.tracker.remove_hooks()
+        self._finish_count()
+        self._cache.clear()
 
     # state -----------------------------------------------------------------------------------
     @override

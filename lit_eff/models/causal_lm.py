@@ -10,6 +10,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_eff.models.gpt import GPT
+from lit_eff.models.naming import compile_agnostic_state_dict
+from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 
@@ -23,6 +25,10 @@ class CausalLM(LightningModule):
     ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
     lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
     dense fine-tune, docs/techniques/spdf.md).
+
+    ``activation_checkpointing``: recompute each block's activations in backward instead of
+    storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
+    model is sharded with FSDP2, one unit per block (:mod:`lit_eff.models.sharding`).
 
     Example::
 
@@ -46,11 +52,14 @@ class CausalLM(LightningModule):
         warmup: float = 0.05,
         min_lr_factor: float = 0.1,
         init_weights: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
+        compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
+        self.model.set_grad_checkpointing(activation_checkpointing)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
@@ -89,6 +98,9 @@ class CausalLM(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_loss, "test")
+
+    def configure_model(self) -> None:
+        shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise
 
     def configure_optimizers(self):
         h = self.hparams

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,10 +86,16 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.wte.weight
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith(("proj.weight", "fc2.weight")):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(param, mean=0.0, std=0.02 / (2 * n_layer) ** 0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (as timm's
+        models do): less memory, one more forward of the blocks per step."""
+        self.grad_checkpointing = enable
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -110,5 +117,8 @@ class GPT(nn.Module):
         """Logits ``[batch, time, vocab]`` for token ids ``[batch, time]``."""
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.norm(x))

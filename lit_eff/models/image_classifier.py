@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_eff.models.naming import compile_agnostic_state_dict
+from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 
@@ -34,6 +36,10 @@ class ImageClassifier(LightningModule):
     ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
     lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
     dense fine-tune, docs/techniques/spdf.md).
+
+    ``activation_checkpointing``: recompute each block's activations in backward instead of
+    storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
+    model is sharded with FSDP2, one unit per block (:mod:`lit_eff.models.sharding`).
 
     Example (a ViT for 8x8 digits: 2x2 patches, average pooling)::
 
@@ -59,6 +65,7 @@ class ImageClassifier(LightningModule):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         init_weights: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
@@ -66,9 +73,15 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"Expected `num_classes` > 0, got num_classes={num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
+        compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = create_timm_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        in_chans=in_chans, **(model_kwargs or {}))
+        if activation_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise ValueError(f"Expected a timm model with `set_grad_checkpointing` for activation_checkpointing=True, "
+                                 f"got {type(self.model).__name__}")
+            self.model.set_grad_checkpointing(True)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         if init_weights is not None:
@@ -98,6 +111,9 @@ class ImageClassifier(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
+
+    def configure_model(self) -> None:
+        shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise
 
     def configure_optimizers(self):
         h = self.hparams

@@ -1,7 +1,7 @@
 """The settings table: every technique callback the kit exports gets a tiny model and arguments
 here, and the shared contract tests (test_contract.py) run each one through: a short fit,
-stop-and-resume equals uninterrupted, two-process DDP, gradient accumulation, bf16 and a YAML
-round trip through the CLI. A callback missing from the table fails the suite."""
+stop-and-resume equals uninterrupted, two-process DDP (ddp_spawn), FSDP2, torch.compile,
+activation checkpointing, gradient accumulation, bf16 and a YAML round trip through the CLI. A callback missing from the table fails the suite."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ class Setting:
     check: Callable[[Trainer, Callback], None] | None = None
     # max_steps of the runs; resume tests stop at a mid-epoch and an end-of-epoch step
     steps: int = 8
+    # training batches (after the first two) on which torch.compile may compile again: the
+    # technique's schedule changes phase (a new shape or mode) on that many of the 8 steps
+    compile_phases: int = 0
+    # None: works under FSDP2 (ModelParallelStrategy) like under DDP; otherwise the regex of
+    # the message with which the technique refuses FSDP2 before training
+    fsdp2_refusal: str | None = None
 
     def build(self) -> list[Callback]:
         return [*self.companions(), self.cls(**self.kwargs)]
@@ -294,10 +300,10 @@ SETTINGS.update({
         check=_check_grad_mask),
     # ViT (2 blocks): block 0 and the stem freeze at step 2
     "LayerFreezing": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.25}, "vit",
-                             check=_check_freezing),
+                             check=_check_freezing, compile_phases=1),
     # GPT (2 blocks): block 0 and the position embedding freeze at step 4
     "LayerFreezing-gpt": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.5, "freeze_end": 0.5},
-                                 "gpt", check=_check_freezing),
+                                 "gpt", check=_check_freezing, compile_phases=1),
     # (timm ResNets are tested in tests/callbacks/test_layer_freezing.py: under DDP their BatchNorm running
     # statistics differ between ranks with or without a technique, which the DDP test here rejects)
 })

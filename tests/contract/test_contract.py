@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,28 +14,59 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lit_eff.callbacks
+from lit_eff.callbacks import FlopsMonitor
 from lit_eff.cli import LitEffCLI
+from lit_eff.models.naming import clean_name
+from lit_eff.sparsity import harden_state_dict
 from tests.contract.settings import SETTINGS, Setting
 from tests.helpers import MODELS, flat_state, make_trainer, max_abs_diff, seeded
 
 IDS = sorted(SETTINGS)
+
+_SPARSITY = ["DynamicSparsity-rigl", "DynamicSparsity-set", "MagnitudePruning", "MagnitudePruning-global",
+             "NMSparsity-pgf", "NMSparsity-srste", "SparsityMonitor", "StaticSparsity-magnitude",
+             "StaticSparsity-release"]
+_TOKENS = ["TokenDrop-random", "TokenMerge-train", "TokenSkip-ltd", "TokenSkip-mod"]
+# Columns a setting does not pass yet. Strict: once fixed, the entry fails until it is removed.
+KNOWN_BROKEN: dict[str, set[str]] = {
+    "ddp_spawn_returns": {*_SPARSITY, "GradientMasking-gpt-nm", "TokenSkip-mod"},
+    "fsdp2": {*_SPARSITY, "GradientMasking", "GradientMasking-gpt-nm", "LayerFreezing", "LayerFreezing-gpt"},
+    "compiled": {*_SPARSITY, *_TOKENS, "GradientMasking-gpt-nm"},
+    "checkpointed": set(_TOKENS),
+}
+
+
+def known_broken(request, column: str, sid: str) -> None:
+    if sid in KNOWN_BROKEN.get(column, ()):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{sid} does not pass the {column} column yet"))
 
 
 def technique_of(callbacks: list[Callback], setting: Setting) -> Callback:
     return next(cb for cb in callbacks if type(cb) is setting.cls)
 
 
-def fit(setting: Setting, ckpt_dir=None, ckpt_path=None, **trainer_kwargs):
+def fit(setting: Setting, ckpt_dir=None, ckpt_path=None, model_kwargs=None, compiled=False, extra=(),
+        **trainer_kwargs):
     seeded(0)
     make_model, make_data = MODELS[setting.model]
-    model, data = make_model(), make_data()
-    callbacks = setting.build()
+    model, data = make_model(**(model_kwargs or {})), make_data()
+    callbacks = [*setting.build(), *extra]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, filename="{step}"))
     trainer_kwargs.setdefault("max_steps", setting.steps)
     trainer = make_trainer(callbacks=callbacks, enable_checkpointing=ckpt_dir is not None, **trainer_kwargs)
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, datamodule=data,
+                ckpt_path=ckpt_path)
     return trainer, model, technique_of(callbacks, setting)
+
+
+def monitor_of(trainer) -> FlopsMonitor:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, FlopsMonitor))
+
+
+def with_monitor(setting: Setting) -> list[Callback]:
+    """A FlopsMonitor beside the technique, unless the setting already has one."""
+    return [] if any(isinstance(cb, FlopsMonitor) for cb in setting.build()) else [FlopsMonitor()]
 
 
 def test_every_exported_callback_has_a_setting():
@@ -96,23 +130,148 @@ class RankRecorder(Callback):
         self.folder = folder
 
     def on_fit_end(self, trainer, pl_module):
-        technique_states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks}
+        technique_states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
+                            if type(cb).__module__.startswith("lit_eff")}
         torch.save({"weights": flat_state(pl_module), "techniques": technique_states, "step": trainer.global_step},
                    os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
 
 
 @pytest.mark.parametrize("sid", IDS)
-def test_ddp_two_processes(sid, tmp_path):
+def test_ddp_two_processes(sid, tmp_path, request):
+    """ddp_spawn: both ranks end identical, and the model the main process gets back after fit
+    computes with the weights the last checkpoint holds (masks hardened, routers included)."""
     setting = SETTINGS[sid]
     seeded(0)
     make_model, make_data = MODELS[setting.model]
-    callbacks = [*setting.build(), RankRecorder(str(tmp_path))]
-    trainer = make_trainer(strategy="ddp_spawn", devices=2, max_steps=setting.steps, callbacks=callbacks)
-    trainer.fit(make_model(), datamodule=make_data())
+    callbacks = [*setting.build(), RankRecorder(str(tmp_path)),
+                 ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)]
+    trainer = make_trainer(strategy="ddp_spawn", devices=2, max_steps=setting.steps, callbacks=callbacks,
+                           enable_checkpointing=True)
+    model = make_model()
+    trainer.fit(model, datamodule=make_data())
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     assert max_abs_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
     assert_same_state(ranks[0]["techniques"], ranks[1]["techniques"], tol=0.0)
+    known_broken(request, "ddp_spawn_returns", sid)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    returned = harden_state_dict(model.state_dict())
+    assert max_abs_diff(returned, harden_state_dict(saved)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory, request):
+    """The selected settings in two CPU processes under DDP and under FSDP2, in one launch
+    (tests/contract/distributed_runner.py)."""
+    selected = sorted({item.callspec.params["sid"] for item in request.session.items
+                       if getattr(item, "originalname", "") == "test_fsdp2_equals_ddp"})
+    out = tmp_path_factory.mktemp("distributed")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.contract.distributed_runner", str(out), *selected], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("sid", IDS)
+def test_fsdp2_equals_ddp(sid, distributed_runs, request):
+    """FSDP2 (ModelParallelStrategy, one shard per block, two CPU processes) ends with the same
+    weights and technique state as DDP, or the technique refuses it before training."""
+    known_broken(request, "fsdp2", sid)
+    setting = SETTINGS[sid]
+    ddp, fsdp2 = (distributed_runs / sid / name for name in ("ddp", "fsdp2"))
+    assert not (ddp / "error.txt").exists(), (ddp / "error.txt").read_text()
+    if setting.fsdp2_refusal is not None:
+        assert (fsdp2 / "error.txt").exists(), "expected a refusal under FSDP2"
+        message = (fsdp2 / "error.txt").read_text().split("\n\n")[0]
+        assert re.search(setting.fsdp2_refusal, message), message
+        return
+    assert not (fsdp2 / "error.txt").exists(), (fsdp2 / "error.txt").read_text()
+    reference = torch.load(ddp / "rank0.pt", weights_only=False)
+    for rank in (0, 1):
+        sharded = torch.load(fsdp2 / f"rank{rank}.pt", weights_only=False)
+        assert sharded["step"] == reference["step"] > 0
+        assert max_abs_diff(sharded["weights"], reference["weights"]) <= 1e-5
+        assert_same_state(sharded["techniques"], reference["techniques"], tol=1e-5)
+
+
+class CompileRecorder(Callback):
+    """How many graphs torch.compile built during each training batch."""
+
+    def __init__(self):
+        self.per_batch: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_batch.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - self._before)
+
+
+_PLAIN_COMPILES: dict[str, set[int]] = {}
+
+
+def plain_compiles(model_family: str) -> set[int]:
+    """The training batches on which torch.compile builds graphs for the model alone (no kit
+    callback): Lightning's own recompiles (``batch_idx`` becoming dynamic, a new epoch) that a
+    technique must not add to."""
+    if model_family not in _PLAIN_COMPILES:
+        torch._dynamo.reset()
+        seeded(0)
+        make_model, make_data = MODELS[model_family]
+        recorder = CompileRecorder()
+        make_trainer(max_steps=8, callbacks=[recorder]).fit(torch.compile(make_model(), backend="aot_eager"),
+                                                           datamodule=make_data())
+        torch._dynamo.reset()
+        _PLAIN_COMPILES[model_family] = {i for i, built in enumerate(recorder.per_batch) if built}
+    return _PLAIN_COMPILES[model_family]
+
+
+@pytest.mark.parametrize("sid", IDS)
+def test_compiled_equals_eager(sid, request):
+    """torch.compile(lightning_module) (aot_eager backend): the same weights, technique state and
+    FLOPs as eager, and no compiling beyond the model's own, except on the batches where the
+    technique's schedule changes phase (``compile_phases``) and the batch FlopsMonitor counts."""
+    setting = SETTINGS[sid]
+    plain = plain_compiles(setting.model)
+    known_broken(request, "compiled", sid)
+    eager_trainer, eager_model, eager_technique = fit(setting, extra=with_monitor(setting))
+    eager_flops = monitor_of(eager_trainer).total_executed
+    torch._dynamo.reset()
+    recorder = CompileRecorder()
+    trainer, model, technique = fit(setting, compiled=True, extra=[*with_monitor(setting), recorder])
+    try:
+        assert trainer.global_step == eager_trainer.global_step
+        compiled_state = {clean_name(k): v for k, v in flat_state(model).items()}
+        assert max_abs_diff(compiled_state, flat_state(eager_model)) <= 1e-5
+        assert_same_state(technique.state_dict(), eager_technique.state_dict(), tol=1e-5)
+        assert monitor_of(trainer).total_executed == eager_flops
+        # FlopsMonitor runs the first batch eagerly (to count it), so the model's first
+        # compile moves one batch later
+        extra = [i for i, built in enumerate(recorder.per_batch)
+                 if built and i not in plain and i - 1 not in plain and i >= 2]
+        assert len(extra) <= setting.compile_phases, f"compiled again on batches {extra} (plain model: {sorted(plain)})"
+        if setting.check:
+            setting.check(trainer, technique)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("sid", IDS)
+def test_checkpointed_equals_plain(sid, request):
+    """Activation checkpointing (the model's own set_grad_checkpointing) changes nothing: the same
+    weights, technique state and FLOPs (the recompute is not counted again)."""
+    known_broken(request, "checkpointed", sid)
+    setting = SETTINGS[sid]
+    plain_trainer, plain_model, plain_technique = fit(setting, extra=with_monitor(setting))
+    trainer, model, technique = fit(setting, model_kwargs={"activation_checkpointing": True},
+                                    extra=with_monitor(setting))
+    assert max_abs_diff(flat_state(model), flat_state(plain_model)) <= 1e-6
+    assert_same_state(technique.state_dict(), plain_technique.state_dict(), tol=1e-6)
+    assert monitor_of(trainer).total_executed == monitor_of(plain_trainer).total_executed
+    if setting.check:
+        setting.check(trainer, technique)
 
 
 @pytest.mark.parametrize("sid", IDS)
