@@ -12,6 +12,7 @@ A technique's math lives in its pure package (``lit_eff.sparsity``, ``lit_eff.to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
 
@@ -69,6 +70,15 @@ class Technique(Callback):
 
     def __init__(self) -> None:
         self._last_step = -1  # the optimizer step whose post-step work is done
+        self._origin_pid = os.getpid()  # the process that built the callback
+
+    def in_worker_process(self) -> bool:
+        """Running in a process started by ``ddp_spawn``/``ddp_fork`` from the one that built this
+        callback. After ``fit`` there, Lightning hands the main process only the model's state
+        dict, loaded with ``strict=False`` into the main process's model, which never saw this
+        technique's ``setup``: structure the technique added (mask parametrizations, routers) must
+        be turned into plain weights, or it is silently dropped."""
+        return os.getpid() != self._origin_pid
 
     # naming and composition -------------------------------------------------------------------
     @property
