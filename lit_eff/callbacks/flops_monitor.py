@@ -124,6 +124,7 @@ class FlopsMonitor(Callback):
         self.counted_batches = 0  # batches counted by tracing (the others reused a count)
         self._cache: dict[Hashable, StepCount] = {}
         self._keyed: list[Any] = []
+        self._params: list[torch.nn.Parameter] = []
         self._last_step = -1
         self._micro: list[tuple[float, float]] = []  # (executed, effective) of this step's batches
         self._step_samples = 0
@@ -160,13 +161,14 @@ class FlopsMonitor(Callback):
         self._micro = []
         self._cache.clear()  # the model may have changed since the last fit
         self._keyed = [cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "flops_key", None))]
+        self._params = list(pl_module.parameters())  # modules added after this point are not seen
 
     # the step signature ----------------------------------------------------------------------
     def step_key(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> Hashable:
         """The signature of the training batch about to run (see the class docstring)."""
         module_key = getattr(pl_module, "flops_key", None)
         return (signature(batch), torch.is_grad_enabled(),
-                tuple(p.requires_grad for p in pl_module.parameters()),
+                tuple([p.requires_grad for p in self._params]),
                 tuple(cb.flops_key(trainer) for cb in self._keyed),
                 module_key() if callable(module_key) else None)
 
