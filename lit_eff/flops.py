@@ -6,13 +6,13 @@ really runs):
 
 - :func:`flop_counter` returns a ``FlopCounterMode`` that also knows the CPU fused-attention
   kernels PyTorch's own table misses: the reference the tests hold the tracker to.
-- :class:`FlopTracker` counts every training step cheaply. It intercepts only the few
+- :class:`FlopTracker` counts the code it wraps cheaply. It intercepts only the few
   FLOP-bearing torch functions (``F.linear``, convolutions, matmuls, attention) at the
   ``__torch_function__`` level, counts each distinct call signature once by replaying it
-  forward and backward on meta tensors under :func:`flop_counter`, and caches the result, so
-  a steady-state step costs one dictionary lookup per matmul. Steps whose shapes change
-  (dropped tokens, sampled subnets) are counted from their own shapes. :func:`count_flops`
-  counts one call with it (on meta tensors too, for free).
+  forward and backward on meta tensors under :func:`flop_counter`, and caches the result.
+  :func:`count_flops` counts one call with it (on meta tensors too, for free).
+  :class:`~lit_eff.callbacks.FlopsMonitor` runs it on the first training batch of each step
+  signature and reuses that count, so compiled steps run untouched.
 
 Attention is counted with PyTorch's fused-kernel formulas (the backward recomputes the
 scores), whichever kernel runs.
