@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from lit_eff.sparsity.masks import nm_mask, validate_nm
+from lit_eff.sparsity.masks import nm_mask
+from lit_eff.validation import check_nm
 
 __all__ = ["nm_sparsify", "nm_sparsify_reference", "triton_available"]
 
@@ -168,7 +169,7 @@ class _NMSparsify(torch.autograd.Function):
 
 
 def _check(weight: torch.Tensor, n: int, m: int, beta: float, srste_lambda: float) -> None:
-    validate_nm(n, m)
+    check_nm(n, m)
     if weight.ndim < 2:
         raise ValueError(f"Expected a weight with at least 2 dimensions [out, in, ...], got shape {tuple(weight.shape)}")
     if weight.shape[1] % m:
