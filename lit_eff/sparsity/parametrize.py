@@ -291,8 +291,10 @@ def effective_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules of ``model`` that carry a lit_eff mask, by name."""
-    return {name: module for name, module in model.named_modules() if _masks_of(module)}
+    """The modules of ``model`` that carry a lit_eff mask, by name (without compile wrappers)."""
+    from lit_eff.models.naming import named_modules  # (lit_eff.models imports lit_eff.sparsity)
+
+    return {name: module for name, module in named_modules(model) if _masks_of(module)}
 
 
 def export(model: nn.Module) -> nn.Module:

@@ -63,7 +63,7 @@ def pattern_crop(mask: torch.Tensor, name: str, m: int | None = None, rows: int 
     ax.tick_params(labelsize=7)
     ax.set_xlabel("input")
     ax.set_ylabel("output")
-    what = f"{int(crop.sum())} of {r * c} kept"
+    what = f"dark: kept ({int(crop.sum())} of {r * c})"
     if m:
         for x in range(0, c + 1, m):
             ax.axvline(x - 0.5, color="#d62728", lw=1.2)
@@ -71,7 +71,7 @@ def pattern_crop(mask: torch.Tensor, name: str, m: int | None = None, rows: int 
             for g in range(c // m):
                 kept = int(crop[row, g * m:(g + 1) * m].sum())
                 ax.text(g * m + (m - 1) / 2, row, str(kept), ha="center", va="center", fontsize=7, color="#d62728")
-        what += f"; red: groups of {m} inputs, with the number kept"
+        what += f"; red: groups of {m} inputs and the number each keeps"
     ax.set_title(f"{name}, rows 0-{r - 1}, inputs 0-{c - 1}\n{what}", fontsize=8)
     fig.tight_layout()
     return fig
