@@ -174,7 +174,13 @@ class MaskingTechnique(Technique):
             self.group = None
 
     def _nonfinite(self, step: int, flags: torch.Tensor) -> None:
-        bad = [name for name, ok in zip(self.group.names, flags.tolist()) if not ok]
+        flagged = [i for i, ok in enumerate(flags.tolist()) if not ok]
+        if not flagged:
+            return
+        exact = torch.tensor([self.group.all_finite(i) for i in flagged])  # the fast check can overflow
+        if any(is_sharded(w) for w in self.group.weights):
+            exact = _all_ranks(exact)
+        bad = [self.group.names[i] for i, ok in zip(flagged, exact.tolist()) if not ok]
         if not bad or (self.on_nonfinite == "warn" and self._warned.issuperset(bad)):
             return
         message = (f"{self.name}: the weights of {', '.join(f'`{n}`' for n in bad)} hold NaN or inf after "

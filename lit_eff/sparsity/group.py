@@ -17,7 +17,6 @@ shard; masks are computed from the full weights (:mod:`lit_eff.sparsity.sharded`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -57,9 +56,10 @@ class MaskGroup:
         """The dense weights as they are now (``DTensor`` shards under FSDP2)."""
         return [module.parametrizations.weight.original for module in self.modules]
 
+    @torch.no_grad()
     def full_weights(self) -> list[torch.Tensor]:
-        """The whole dense weights (gathered under FSDP2: every rank must call it)."""
-        return [full(w.detach()) for w in self.weights]
+        """The whole dense weights (gathered under FSDP2: every rank must call it); read only."""
+        return [full(w) for w in self.weights]
 
     def _local_values(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each mask as numbers, the part matching ``like`` (a shard under FSDP2)."""
@@ -121,13 +121,13 @@ class MaskGroup:
     @torch.no_grad()
     def add_pruned_weights_to_grad(self, scale: float) -> None:
         """``grad += scale · (1 − E) ⊙ W`` for every layer (the SR-STE term)."""
-        weights = [w for w in self.weights if w.grad is not None]
-        if not weights:
+        pairs = [(w, p.mask_values) for w, p in zip(self.weights, self.params) if w.grad is not None]
+        if not pairs:
             return
-        grads = [local(w.grad) for w in weights]
-        values = [local_part(p.mask_values, w) for p, w in zip(self.params, self.weights) if w.grad is not None]
-        dense = [local(w.detach()).to(g.dtype) for w, g in zip(weights, grads)]
-        pruned = torch._foreach_add(torch._foreach_neg([v.to(g.dtype) for v, g in zip(values, grads)]), 1.0)
+        grads = [local(w.grad) for w, _ in pairs]
+        dense = [local(w).to(g.dtype) for (w, _), g in zip(pairs, grads)]
+        values = [local_part(v, w).to(g.dtype) for (w, v), g in zip(pairs, grads)]
+        pruned = torch._foreach_add(torch._foreach_neg(values), 1.0)
         torch._foreach_addcmul_(grads, dense, pruned, value=scale)
 
     @torch.no_grad()
@@ -159,7 +159,15 @@ class MaskGroup:
         for i, t in enumerate(shards):
             groups.setdefault((t.dtype, t.device), []).append(i)
         out = torch.empty(len(shards), dtype=torch.bool, device=shards[0].device if shards else "cpu")
-        for members in groups.values():
-            norms = torch._foreach_norm([shards[i] for i in members], ord=math.inf)  # max |w|: no overflow
+        for (dtype, _), members in groups.items():
+            # the 2-norm is NaN or inf when an entry is (it also overflows for |w| > ~1e19: callers
+            # confirm a flagged layer with all_finite); the fastest fused norm on CPU and GPU
+            wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None  # no fp16 overflow
+            norms = torch._foreach_norm([shards[i] for i in members], 2, dtype=wide)
             out[members] = torch.stack(norms).isfinite().to(out.device)
         return out
+
+    @torch.no_grad()
+    def all_finite(self, index: int) -> bool:
+        """Whether layer ``index``'s dense weight (this rank's shard) is all finite, exactly."""
+        return bool(local(self.weights[index]).isfinite().all())
