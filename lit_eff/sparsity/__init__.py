@@ -10,6 +10,7 @@
 - :mod:`~lit_eff.sparsity.targets`: which layers, by kind and name globs.
 - :mod:`~lit_eff.sparsity.pictures`: what a person can read of the masks (density chart, N:M pattern).
 
+>>> import torch
 >>> from lit_eff.models import GPT
 >>> from lit_eff import sparsity
 >>> model = GPT(n_layer=1)

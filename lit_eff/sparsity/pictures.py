@@ -5,7 +5,7 @@
   with the N:M groups outlined and the count kept in each group written in it.
 
 >>> fig = density_chart({"blocks.0.attn.qkv": 0.5, "blocks.0.mlp.fc1": 0.25})
->>> [round(bar.get_width(), 2) for bar in fig.axes[0].patches]
+>>> [round(float(bar.get_width()), 2) for bar in fig.axes[0].patches]
 [0.5, 0.25]
 """
 
