@@ -17,8 +17,9 @@ mask rule (:meth:`~MaskingTechnique.resolve`, :meth:`~MaskingTechnique.start`,
   ``validate``/``test``/``predict`` that is all that happens (the checkpoint brings the masks).
 - ``on_fit_start``: the schedule is fixed for the run length and checked over the whole run.
 - ``on_train_start`` (weights, optimizer and step restored): masks for the current step.
-- once per optimizer step (``on_train_batch_end`` after a step): the subclass's work, then a
-  fused check that the masked weights are finite (``on_nonfinite``).
+- once per optimizer step (``on_train_batch_end`` after a step): the subclass's work; after a
+  mask change and on logging steps, a fused check that the masked weights are finite
+  (``on_nonfinite``), read one step later so it never waits on the device.
 - ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights,
   so the main process receives the effective weights.
 """
@@ -34,7 +35,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_eff import sparsity, validation
-from lit_eff.callbacks.technique import Technique
+from lit_eff.callbacks.technique import Technique, logs_this_step
 from lit_eff.sparsity.sharded import is_sharded
 
 __all__ = ["MaskingTechnique"]
@@ -69,7 +70,8 @@ class MaskingTechnique(Technique):
         self.on_nonfinite = on_nonfinite
         self.targets: dict[str, nn.Module] = {}
         self.group: sparsity.MaskGroup | None = None
-        self._pending: tuple[int, torch.Tensor] | None = None  # finite flags of a step, read one step later
+        self._pending: tuple[int, torch.Tensor] | None = None  # a step's finite flag, read one step later
+        self._checked = -1  # the MaskGroup version last checked
         self._warned: set[str] = set()
 
     # the interface -----------------------------------------------------------------------------
@@ -149,18 +151,19 @@ class MaskingTechnique(Technique):
             return  # accumulating micro-batches
         step = trainer.global_step
         self.after_step(trainer, pl_module, step)
-        flags = self.group.finite()  # no device sync: read at the next step
-        if any(is_sharded(w) for w in self.group.weights):
-            flags = _all_ranks(flags)
-        pending, self._pending = self._pending, (step, flags)
-        if pending is not None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # read one step later: no wait on the device
             self._nonfinite(*pending)
+        flag = self.finite_flag(trainer)
+        if flag is not None:
+            self._pending = (step, flag)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending is not None:
-            self._nonfinite(*self._pending)
-            self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._nonfinite(*pending)
+        self._nonfinite(trainer.global_step, self._finite_now())  # nothing non-finite leaves unreported
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -173,12 +176,28 @@ class MaskingTechnique(Technique):
                     sparsity.remove_mask(module, harden=True)
             self.group = None
 
+    def finite_flag(self, trainer: Trainer) -> torch.Tensor | None:
+        """A bool per target: whether its weights are all finite now, read one step later
+        (``None``: not checked this step). Checked after every mask change (every step for N:M)
+        and on the steps Lightning logs."""
+        if self.group.version == self._checked and not logs_this_step(trainer):
+            return None
+        self._checked = self.group.version
+        return self._finite_now()
+
+    def _finite_now(self) -> torch.Tensor:
+        flags = self.group.finite()
+        return _all_ranks(flags) if self._sharded() else flags
+
+    def _sharded(self) -> bool:
+        return any(is_sharded(w) for w in self.group.weights)
+
     def _nonfinite(self, step: int, flags: torch.Tensor) -> None:
         flagged = [i for i, ok in enumerate(flags.tolist()) if not ok]
         if not flagged:
             return
         exact = torch.tensor([self.group.all_finite(i) for i in flagged])  # the fast check can overflow
-        if any(is_sharded(w) for w in self.group.weights):
+        if self._sharded():
             exact = _all_ranks(exact)
         bad = [self.group.names[i] for i, ok in zip(flagged, exact.tolist()) if not ok]
         if not bad or (self.on_nonfinite == "warn" and self._warned.issuperset(bad)):

@@ -50,6 +50,7 @@ class MaskGroup:
         if missing:
             raise ValueError(f"Expected every layer of a MaskGroup to carry a lit_eff mask, got none on {missing}")
         self.params: list[Mask] = params  # type: ignore[assignment]
+        self.version = 0  # changes whenever set_masks writes masks
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -85,6 +86,7 @@ class MaskGroup:
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
         torch._foreach_copy_([p.mask for p in self.params], masks)
         torch._foreach_copy_([p.mask_values for p in self.params], masks)
+        self.version += 1
         densities = density if isinstance(density, list) else [density] * len(self.params)
         for module, p, d in zip(self.modules, self.params, densities):
             new = float(p.mask.count_nonzero()) / p.mask.numel() if d is None else float(d)
@@ -152,16 +154,15 @@ class MaskGroup:
 
     @torch.no_grad()
     def finite(self) -> torch.Tensor:
-        """A bool per layer: whether its dense weight (this rank's shard) is all finite. Fused, no
-        device sync (read it later)."""
+        """A bool per layer: whether its dense weight (this rank's shard) is finite. One fused norm
+        per (dtype, device), no device sync (read it later). The 2-norm is NaN or inf when an entry
+        is; it also overflows for |w| > ~1e19, so confirm a flagged layer with :meth:`all_finite`."""
         shards = [local(w.detach()) for w in self.weights]
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(shards):
             groups.setdefault((t.dtype, t.device), []).append(i)
         out = torch.empty(len(shards), dtype=torch.bool, device=shards[0].device if shards else "cpu")
         for (dtype, _), members in groups.items():
-            # the 2-norm is NaN or inf when an entry is (it also overflows for |w| > ~1e19: callers
-            # confirm a flagged layer with all_finite); the fastest fused norm on CPU and GPU
             wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None  # no fp16 overflow
             norms = torch._foreach_norm([shards[i] for i in members], 2, dtype=wide)
             out[members] = torch.stack(norms).isfinite().to(out.device)

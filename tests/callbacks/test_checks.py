@@ -95,10 +95,20 @@ class Poison(Callback):
 
 @pytest.mark.parametrize("kind", sorted(ALL))
 def test_nan_weights_stop_training_naming_the_layer_and_the_step(kind):
+    """Checked after every step (N:M), at mask updates (GMP and RigL here update every step) and on
+    logging steps (StaticSparsity, whose mask never changes: every 2 steps here)."""
     technique = ALL[kind]()
     with pytest.raises(FloatingPointError, match=rf"{type(technique).__name__}: the weights of "
                                                  r"`model.blocks.0.mlp.fc1` hold NaN or inf after optimizer step 2"):
-        fit([Poison(technique, at=2), technique], max_steps=6)
+        fit([Poison(technique, at=2), technique], max_steps=6, log_every_n_steps=2)
+
+
+def test_nan_weights_are_reported_at_the_end_of_training_at_the_latest():
+    technique = StaticSparsity(sparsity=0.5)  # after step 1 (masks drawn), no mask change, no logging step
+    # by then the NaN has spread through the forward pass to every layer
+    with pytest.raises(FloatingPointError, match=r"weights of `model.blocks.0.attn.qkv`, .*`model.blocks.0.mlp.fc1`.* "
+                                                 r"hold NaN or inf after optimizer step 3"):
+        fit([Poison(technique, at=2), technique], max_steps=3)
 
 
 def test_an_all_nan_layer_keeps_an_exact_nm_mask_and_its_true_density_with_on_nonfinite_warn():

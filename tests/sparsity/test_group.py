@@ -87,6 +87,10 @@ def test_finite_flags_name_the_layers_holding_nan_or_inf():
         group.weights[1][0, 3] = float("nan")
         group.weights[2][1, 1] = float("inf")
     assert group.finite().tolist() == [True, False, False]
+    assert [group.all_finite(i) for i in range(3)] == [True, False, False]
+    with torch.no_grad():
+        group.weights[1][0, 3] = group.weights[2][1, 1] = 3e19  # float32 "c": the fast check overflows, the exact one does not
+    assert group.finite().tolist() == [True, True, False] and all(group.all_finite(i) for i in range(3))
 
 
 def test_parameters_are_looked_up_when_used_not_kept():

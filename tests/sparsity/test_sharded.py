@@ -60,4 +60,4 @@ def test_masks_work_on_fsdp2_shards(process_group):
     effective = model[0].weight
     assert is_sharded(effective) and torch.equal(full(effective), full(group.weights[0]) * group.params[0].mask)
     assert torch.equal(sparsity.effective_weight(model[0]), full(effective))
-    assert group.finite().tolist() == [True, True]
+    assert group.finite().tolist() == [True, True] and group.all_finite(0) and group.all_finite(1)
