@@ -1,4 +1,4 @@
-"""The base of the weight-sparsity callbacks (a skeleton: the sparsity callbacks move onto it).
+"""The base of the weight-sparsity callbacks.
 
 Other techniques talk to sparsity callbacks only through this interface:
 
@@ -6,29 +6,223 @@ Other techniques talk to sparsity callbacks only through this interface:
   without compile wrappers), filled at ``setup``;
 - :meth:`MaskingTechnique.mask_changes_after`: whether the masks (or anything else that shapes
   the effective weights, like β) can still change from a given optimizer step on.
+
+The base does what every sparsity callback needs, so a subclass only adds its schedule and its
+mask rule (:meth:`~MaskingTechnique.resolve`, :meth:`~MaskingTechnique.start`,
+:meth:`~MaskingTechnique.after_step`):
+
+- ``setup``: targets by layer kind (``layers``) and name globs (``include``/``exclude``); a
+  weight another :class:`MaskingTechnique` masks is refused, naming both; all-ones masks are
+  attached before the strategy wraps or shards the model and before a checkpoint loads. In
+  ``validate``/``test``/``predict`` that is all that happens (the checkpoint brings the masks).
+- ``on_fit_start``: the schedule is fixed for the run length and checked over the whole run.
+- ``on_train_start`` (weights, optimizer and step restored): masks for the current step.
+- once per optimizer step (``on_train_batch_end`` after a step): the subclass's work; after a
+  mask change and on logging steps, a fused check that the masked weights are finite
+  (``on_nonfinite``), read one step later so it never waits on the device.
+- ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights,
+  so the main process receives the effective weights.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any, Literal
 
-from lit_eff import validation
-from lit_eff.callbacks.technique import Technique
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lit_eff import sparsity, validation
+from lit_eff.callbacks.technique import Technique, logs_this_step
+from lit_eff.sparsity.sharded import is_sharded
 
 __all__ = ["MaskingTechnique"]
 
+_NONFINITE = ("raise", "warn")
+
 
 class MaskingTechnique(Technique):
-    """Base of the callbacks that mask weights with :mod:`lit_eff.sparsity`."""
+    """Base of the callbacks that mask weights with :mod:`lit_eff.sparsity`.
 
-    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+    Args (every subclass takes them):
+        include: name globs of the layers to mask (default: layers inside ``*blocks.*``).
+        exclude: name globs of layers to leave dense.
+        layers: kinds of layers to mask: ``["linear"]`` (default), ``["conv"]`` or both.
+        on_nonfinite: ``"raise"`` (default) stops training when a masked layer's weights hold a
+            NaN or inf, naming the layer and the step; ``"warn"`` warns once per layer and goes on.
+    """
+
+    ste: bool = True  # gradient to pruned weights: straight-through (True) or masked (False)
+    _key_fields: tuple[str, ...] = ()  # constructor arguments that tell two instances apart
+
+    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None,
+                 layers: list[Literal["linear", "conv"]] | None = None,
+                 on_nonfinite: Literal["raise", "warn"] = "raise") -> None:
         super().__init__()
         self.include = validation.check_patterns("include", include)
         self.exclude = validation.check_patterns("exclude", exclude)
+        self.layers = validation.check_patterns("layers", layers)
+        for kind in self.layers or ():
+            validation.check_choice("layers", kind, list(sparsity.LAYER_KINDS))
+        validation.check_choice("on_nonfinite", on_nonfinite, _NONFINITE)
+        self.on_nonfinite = on_nonfinite
         self.targets: dict[str, nn.Module] = {}
+        self.group: sparsity.MaskGroup | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None  # a step's finite flag, read one step later
+        self._checked = -1  # the MaskGroup version last checked
+        self._warned: set[str] = set()
 
+    # the interface -----------------------------------------------------------------------------
     def mask_changes_after(self, step: int, total_steps: int) -> str | None:
-        """``None`` if the effective weights of the targets are masked the same way at every step
-        from ``step`` to ``total_steps - 1``; otherwise why not (for messages), e.g. ``"it updates
-        masks until step 900"``."""
+        """``None`` if the masks and β that forward uses at optimizer step ``step`` stay in force
+        for the rest of a run of ``total_steps`` (masks derived from the weights, like N:M, count
+        as unchanged while the weights do not change); otherwise why not, for messages, e.g.
+        ``"it updates masks until step 900"``. Valid from ``on_fit_start`` on."""
         raise NotImplementedError
+
+    # what subclasses add -----------------------------------------------------------------------
+    def check_targets(self, targets: dict[str, nn.Module]) -> None:
+        """Raise if a target cannot take this technique's masks (e.g. an N:M group size)."""
+
+    def attached(self) -> None:
+        """Setup attached fresh all-ones masks (a new model, not a resumed one yet)."""
+
+    def resolve(self, trainer: Trainer) -> None:
+        """Fix the schedule for this run (``self.run_length``) and check it over the whole run."""
+
+    def start(self, trainer: Trainer) -> None:
+        """Masks for ``trainer.global_step`` at the start of training (or of a resumed run)."""
+
+    def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Work after the optimizer step that reached ``step`` (once per optimizer step)."""
+
+    # shared work -------------------------------------------------------------------------------
+    def enforce(self, trainer: Trainer) -> None:
+        """Zero the dense weights and their optimizer state at pruned positions (at the start and
+        when masks change). With the plain masked gradient (``ste=False``) nothing is needed in
+        between: pruned positions get an exact 0 gradient, so their moments and updates stay 0."""
+        self.group.zero_pruned(trainer.optimizers)
+
+    def known_length(self, trainer: Trainer) -> int | None:
+        """The run's optimizer steps, or ``None`` when the trainer cannot tell."""
+        try:
+            return self.run_length(trainer)
+        except ValueError:
+            return None
+
+    # hooks ---------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        targets = sparsity.find_targets(pl_module, include=self.include, exclude=self.exclude,
+                                        kinds=self.layers or ("linear",))
+        self.check_targets(targets)
+        owners = self.others(trainer, MaskingTechnique)
+        for name, module in targets.items():
+            if sparsity.has_mask(module) and self.targets.get(name) is not module:
+                owner = next((cb for cb in owners if any(m is module for m in cb.targets.values())), None)
+                by = owner.describe(trainer) if owner is not None else "another technique (or an earlier run)"
+                raise ValueError(f"`{name}.weight` is already masked by {by}; {self.describe(trainer)} cannot mask "
+                                 f"it too: a weight takes one sparsity technique. Exclude it from one of them "
+                                 f"(exclude=[{name!r}])")
+        fresh = [module for module in targets.values() if not sparsity.has_mask(module)]
+        for module in fresh:
+            sparsity.attach_mask(module, ste=self.ste, density=1.0)  # all ones until the fit starts
+        self.targets, self.group = targets, sparsity.MaskGroup(targets)
+        if fresh:
+            self.attached()
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.resolve(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # here, not in on_fit_start: the step, weights and optimizer state are restored by now
+        self.start(trainer)
+        self.mark_step(trainer.global_step)
+        self._pending = None
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.optimizer_stepped(trainer):
+            return  # accumulating micro-batches
+        step = trainer.global_step
+        self.after_step(trainer, pl_module, step)
+        pending, self._pending = self._pending, None
+        if pending is not None:  # read one step later: no wait on the device
+            self._nonfinite(*pending)
+        flag = self.finite_flag(trainer)
+        if flag is not None:
+            self._pending = (step, flag)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._nonfinite(*pending)
+        self._nonfinite(trainer.global_step, self._finite_now())  # nothing non-finite leaves unreported
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The masks stay on the model (they are the trained state; lit_eff.sparsity.export hardens
+        # them). In a ddp_spawn worker, Lightning hands the main process only the state dict, which
+        # a model without masks would load partly: harden them so it gets the effective weights.
+        if stage == "fit" and self.in_worker_process():
+            for module in self.targets.values():
+                if sparsity.has_mask(module):
+                    sparsity.remove_mask(module, harden=True)
+            self.group = None
+
+    def finite_flag(self, trainer: Trainer) -> torch.Tensor | None:
+        """A bool per target: whether its weights are all finite now, read one step later
+        (``None``: not checked this step). Checked after every mask change (every step for N:M)
+        and on the steps Lightning logs."""
+        if self.group.version == self._checked and not logs_this_step(trainer):
+            return None
+        self._checked = self.group.version
+        return self._finite_now()
+
+    def _finite_now(self) -> torch.Tensor:
+        flags = self.group.finite()
+        return _all_ranks(flags) if self._sharded() else flags
+
+    def _sharded(self) -> bool:
+        return any(is_sharded(w) for w in self.group.weights)
+
+    def _nonfinite(self, step: int, flags: torch.Tensor) -> None:
+        flagged = [i for i, ok in enumerate(flags.tolist()) if not ok]
+        if not flagged:
+            return
+        exact = torch.tensor([self.group.all_finite(i) for i in flagged])  # the fast check can overflow
+        if self._sharded():
+            exact = _all_ranks(exact)
+        bad = [self.group.names[i] for i, ok in zip(flagged, exact.tolist()) if not ok]
+        if not bad or (self.on_nonfinite == "warn" and self._warned.issuperset(bad)):
+            return
+        message = (f"{self.name}: the weights of {', '.join(f'`{n}`' for n in bad)} hold NaN or inf after "
+                   f"optimizer step {step} (a non-finite loss or gradient reached them). Lower the learning "
+                   f"rate or clip gradients; on_nonfinite='warn' keeps training")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        self._warned.update(bad)
+        rank_zero_warn(message)
+
+    # state ---------------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # two instances on different layers of one model keep separate checkpoint entries
+        return self._generate_state_key(**{f: getattr(self, f) for f in self._key_fields}, include=self.include,
+                                        exclude=self.exclude)
+
+
+def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
+    import torch.distributed as dist
+
+    values = flags.to(torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.bool()

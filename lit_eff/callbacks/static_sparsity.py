@@ -5,65 +5,25 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lit_eff import sparsity
-from lit_eff.callbacks._checks import check_choice, is_int, is_number, training_steps
-from lit_eff.callbacks._claims import refuse_masked
-from lit_eff.callbacks._logging import log_step
+from lit_eff import sparsity, validation
+from lit_eff.callbacks.masking import MaskingTechnique
+from lit_eff.callbacks.technique import log_step
 from lit_eff.seeding import generator, run_seed
-from lit_eff.sparsity.masks import validate_sparsity
-
-_MASKS = ("random", "magnitude")
-_DISTRIBUTIONS = ("uniform", "erk")
 
 
-class StaticSparsity(Callback):
+class StaticSparsity(MaskingTechnique):
     """A fixed mask from the start; at ``release_step`` the mask goes and all weights learn (SPDF).
 
-    **Sparse phase.** In ``setup`` every targeted layer gets one mask that never changes:
-    ``mask="random"`` keeps exactly ``round(d · numel)`` positions drawn from
-    ``lit_eff.seeding.generator(run_seed, "spdf-init", layer)`` (the same on every DDP rank);
-    ``mask="magnitude"`` prunes the ``round((1 − d) · numel)`` smallest ``|W|`` of the weights
-    the model has at that moment (its initialization, or the weights it was loaded with). The
-    layer density ``d`` is ``1 − sparsity`` (``distribution="uniform"``) or its Erdős–Rényi-
-    Kernel share (``"erk"``; the weight-count mean is ``1 − sparsity``). Pruned weights are
-    kept exactly zero the way ``MagnitudePruning`` keeps them: forward reads ``W ⊙ M`` (plain
-    masked gradient: pruned positions get exactly 0), and the dense weight and every
-    optimizer-state tensor of its shape (AdamW moments, SGD momentum) are multiplied by ``M`` at
-    the start of training, so moments and updates there stay 0.
-
-    **Release** (ALGORITHMS.md §3), after the optimizer step that reaches ``release_step`` (or
-    ``int(release_fraction ×`` the training steps``)``): the pruned weights are exactly zero
-    with zero moments at that moment, and the mask becomes all ones. From then on every weight trains densely; the layers report density 1
-    to ``FlopsMonitor`` (before: ``d``). The all-ones mask stays attached until
-    ``lit_eff.sparsity.export(model)``: removing the parametrization mid-run would change the
-    checkpoint keys and the optimizer's parameter order, so a checkpoint written after the
-    release could not be resumed exactly. Without ``release_step``/``release_fraction`` the
-    model stays sparse to the end (sparse pre-training only; fine-tune in a second run from the
-    checkpoint, e.g. ``--model.init_args.init_weights path/to/last.ckpt``, see
-    docs/techniques/spdf.md).
-
-    Logs ``sparsity/target`` (``sparsity`` before the release, 0 after) and
-    ``sparsity/released`` (0 or 1) on the steps Lightning writes logs.
-
-    Runs on: ``setup`` (targets, claims, masks attached before the strategy wraps the model and
-    before a checkpoint restore), ``on_fit_start`` (resolves ``release_fraction``),
-    ``on_train_start`` (masking, or the release if it is due), ``on_train_batch_end`` when
-    ``trainer.global_step`` advanced (release, logging).
-
-    Args:
-        sparsity: fraction of pruned weights among the targets, in [0, 1).
-        mask: ``"random"`` or ``"magnitude"`` (at ``setup``).
-        distribution: ``"uniform"`` or ``"erk"`` layer densities.
-        release_step: optimizer step after which the mask is released; ``None``: never (unless
-            ``release_fraction`` is set).
-        release_fraction: release after this fraction of the training steps
-            (``trainer.max_steps``, else ``trainer.estimated_stepping_batches``), in (0, 1).
-        include: name globs of the layers to make sparse (default: Linear layers in ``*blocks.*``).
-        exclude: name globs of layers to leave dense.
+    At the start of training each layer gets one mask at its density (``uniform`` or ``erk``):
+    random (the same on every rank) or the largest ``|W|`` of the weights the model starts with.
+    Pruned weights stay exactly zero. After the optimizer step that reaches ``release_step`` (or
+    ``release_fraction`` of the run) the masks become all ones and every weight trains; without
+    either the model stays sparse (fine-tune in a second run). Logs ``sparsity/target`` and
+    ``sparsity/released``. The card: docs/techniques/spdf.md.
 
     Example::
 
@@ -72,6 +32,9 @@ class StaticSparsity(Callback):
             - class_path: lit_eff.callbacks.StaticSparsity
               init_args: {sparsity: 0.75, mask: random, release_fraction: 0.75}
     """
+
+    ste = False
+    _key_fields = ("sparsity", "mask", "distribution")
 
     def __init__(
         self,
@@ -82,71 +45,27 @@ class StaticSparsity(Callback):
         release_fraction: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        layers: list[Literal["linear", "conv"]] | None = None,
+        on_nonfinite: Literal["raise", "warn"] = "raise",
     ) -> None:
-        if not is_number(sparsity):
-            raise ValueError(f"Expected `sparsity` to be a number in [0, 1), got sparsity={sparsity!r}")
-        validate_sparsity(sparsity, "sparsity")
-        check_choice("mask", mask, _MASKS)
-        check_choice("distribution", distribution, _DISTRIBUTIONS)
-        if release_step is not None and (not is_int(release_step) or release_step < 1):
-            raise ValueError(f"Expected `release_step` to be an integer >= 1 or None, got release_step={release_step!r}")
-        if release_fraction is not None and (not is_number(release_fraction) or not 0.0 < release_fraction < 1.0):
-            raise ValueError(f"Expected `release_fraction` in (0, 1) or None, got release_fraction={release_fraction!r}")
+        super().__init__(include, exclude, layers, on_nonfinite)
+        validation.check_sparsity(sparsity)
+        validation.check_choice("mask", mask, ["random", "magnitude"])
+        validation.check_choice("distribution", distribution, ["uniform", "erk"])
+        validation.check_int("release_step", release_step, minimum=1, allow_none=True)
+        if release_fraction is not None:
+            validation.check_fraction("release_fraction", release_fraction, low_open=True, high_open=True)
         if release_step is not None and release_fraction is not None:
             raise ValueError(f"Expected at most one of `release_step` and `release_fraction`, got "
                              f"release_step={release_step}, release_fraction={release_fraction}")
-        for name, value in (("include", include), ("exclude", exclude)):
-            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
-                raise ValueError(f"Expected `{name}` to be a list of name patterns (strings), got {name}={value!r}")
-        self.sparsity = float(sparsity)
-        self.mask = mask
-        self.distribution = distribution
+        self.sparsity, self.mask, self.distribution = float(sparsity), mask, distribution
         self.release_step = release_step
         self.release_fraction = None if release_fraction is None else float(release_fraction)
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
-
-        self.targets: dict[str, nn.Module] = {}
-        self.group: sparsity.MaskGroup | None = None
         self.densities: dict[str, float] = {}
         self._release: int | None = release_step  # resolved release step
+        self._drawn = False  # the initial masks are set (and in the checkpoint)
         self.released = False
         self._released_at: int | None = None
-        self._last_step = -1  # global_step whose post-step work is done
-
-    # setup ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _initial_mask(self, name: str, weight: torch.Tensor, density: float) -> torch.Tensor:
-        if self.mask == "random":
-            return sparsity.random_mask(weight.shape, density, generator(run_seed(), "spdf-init", name)).to(weight.device)
-        return sparsity.magnitude_mask(weight, 1.0 - density)
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        targets = sparsity.find_targets(pl_module, include=self.include, exclude=self.exclude)
-        refuse_masked(trainer, self, targets, self.targets)
-        shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
-        spread = sparsity.erk_densities if self.distribution == "erk" else sparsity.uniform_densities
-        densities = spread(shapes, 1.0 - self.sparsity)
-        for name, module in targets.items():
-            if sparsity.has_mask(module):  # ours, from an earlier setup
-                continue
-            weight = module.weight
-            mask = self._initial_mask(name, weight, densities[name])
-            with torch.no_grad():
-                weight.mul_(mask)
-            sparsity.attach_mask(module, mask=mask, ste=False, density=int(mask.sum()) / mask.numel())
-        self.targets = targets
-        self.group = sparsity.MaskGroup(targets)
-        self.densities = densities
-        if self._release is None and self.release_fraction is not None and trainer.max_steps and trainer.max_steps > 0:
-            self._release = max(1, int(self.release_fraction * trainer.max_steps))
-
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._release is None and self.release_fraction is not None:
-            total = training_steps(trainer, "StaticSparsity", "set `release_step` or trainer.max_steps")
-            self._release = max(1, int(self.release_fraction * total))
 
     @property
     def resolved_release_step(self) -> int | None:
@@ -154,68 +73,79 @@ class StaticSparsity(Callback):
         return self._release
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # here, not in on_fit_start: global_step and the optimizer state are restored by now
-        step = trainer.global_step
-        if not self.released:
-            self._enforce(trainer)
-            if self._due(step):
-                self._release_masks(step)
-        self._last_step = step
+    def mask_changes_after(self, step: int, total_steps: int) -> str | None:
+        release = self._release
+        if self.released or release is None or release <= step or release > total_steps:
+            return None
+        return f"it releases its masks at step {release}"
 
-    # masks ----------------------------------------------------------------------------------
-    def _due(self, step: int) -> bool:
-        return self._release is not None and step >= self._release
-
-    def _enforce(self, trainer: Trainer) -> None:
-        """Zero the dense weights and their optimizer state at pruned positions (at the start
-        and when masks change). In between nothing is needed: forward multiplies ``W`` by the
-        mask, so autograd gives pruned positions an exact 0 gradient, their momentum and Adam
-        moments stay 0, and the update there is 0 (weight decay of a zero weight is zero too)."""
-        self.group.zero_pruned(trainer.optimizers)
-
-    @torch.no_grad()
-    def _release_masks(self, step: int) -> None:
-        for module in self.targets.values():
-            sparsity.set_mask(module, torch.ones_like(sparsity.get_mask(module)), density=1.0)
-        self.released = True
-        self._released_at = step
-
-    # hooks ----------------------------------------------------------------------------------
+    # setup and schedule ------------------------------------------------------------------------
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step <= self._last_step:
-            return  # accumulating micro-batches
-        if not self.released and self._due(step):
+    def check_targets(self, targets: dict[str, nn.Module]) -> None:
+        shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+        spread = sparsity.erk_densities if self.distribution == "erk" else sparsity.uniform_densities
+        self.densities = spread(shapes, 1.0 - self.sparsity)
+
+    @override
+    def attached(self) -> None:
+        self._drawn, self.released, self._released_at = False, False, None
+
+    @override
+    def resolve(self, trainer: Trainer) -> None:
+        if self._release is None and self.release_fraction is not None:
+            total = self.run_length(trainer, "set `release_step` or trainer.max_steps")
+            self._release = max(1, int(self.release_fraction * total))
+        run = self.known_length(trainer)
+        if self.release_step is not None and run is not None and self.release_step >= run:
+            validation.warn_inactive(self.name, "release_step", self.release_step, run,
+                                     "the masks are never released (sparse to the end)")
+
+    # masks -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _draw(self) -> None:
+        masks = []
+        for name, weight, p in zip(self.group.names, self.group.full_weights(), self.group.params):
+            density = self.densities[name]
+            if self.mask == "random":
+                masks.append(sparsity.random_mask(p.mask.shape, density, generator(run_seed(), "spdf-init", name))
+                             .to(p.mask.device))
+            else:
+                masks.append(sparsity.magnitude_mask(weight, 1.0 - density).to(p.mask.device))
+        self.group.set_masks(masks, density=[round(self.densities[n] * m.numel()) / m.numel()
+                                             for n, m in zip(self.group.names, masks)])
+        self._drawn = True
+
+    def _release_masks(self, step: int) -> None:
+        self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
+        self.released, self._released_at = True, step
+
+    @override
+    def start(self, trainer: Trainer) -> None:
+        if not self._drawn:
+            self._draw()
+        if not self.released:
+            self.enforce(trainer)
+            if self._release is not None and trainer.global_step >= self._release:
+                self._release_masks(trainer.global_step)
+
+    @override
+    def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        if not self.released and self._release is not None and step >= self._release:
             self._release_masks(step)
-        self._last_step = step
         log_step(trainer, pl_module, {"sparsity/target": 0.0 if self.released else self.sparsity,
                                       "sparsity/released": float(self.released)})
 
+    # state ---------------------------------------------------------------------------------------
     @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # the masks stay (released ones are all ones): lit_eff.sparsity.export hardens them
-        pass
-
-    # state ----------------------------------------------------------------------------------
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.sparsity, mask=self.mask, distribution=self.distribution,
-                                        include=self.include, exclude=self.exclude)
+    def technique_state(self) -> dict[str, Any]:
+        return {"release_step": self._release, "drawn": self._drawn, "released": self.released,
+                "released_at": self._released_at}
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"release_step": self._release, "released": self.released, "released_at": self._released_at,
-                "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.release_step is None and state_dict.get("release_step") is not None:
-            self._release = int(state_dict["release_step"])
-        self.released = bool(state_dict.get("released", False))
-        released_at = state_dict.get("released_at")
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        if self.release_step is None and state.get("release_step") is not None:
+            self._release = int(state["release_step"])
+        self._drawn = bool(state.get("drawn", True))  # a saved state comes from a started run
+        self.released = bool(state.get("released", False))
+        released_at = state.get("released_at")
         self._released_at = None if released_at is None else int(released_at)
-        self._last_step = int(state_dict.get("last_step", -1))

@@ -2,10 +2,10 @@
 
 ``E`` keeps the ``n`` largest ``|w|`` of every ``m`` consecutive weights along the input dimension
 (a Linear ``[out, in]`` is grouped along ``in``; a convolution ``[out, in, *kernel]`` along ``in``
-at each kernel position), ties going to the lower index exactly as
+at each kernel position), ties going to the lower index and NaN ranking lowest, exactly as
 :func:`lit_eff.sparsity.nm_mask`. Backward is straight-through (the gradient of the effective
 weight reaches every entry of ``W``, unscaled by β, as in the progressive-gradient-flow code) plus
-the SR-STE term ``λ(1−E)⊙W`` (ALGORITHMS.md §0, §1)::
+the SR-STE term ``λ(1−E)⊙W``::
 
     grad_W = grad_out + λ · (1 − E) ⊙ W
 
@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from lit_eff.sparsity.masks import nm_mask, validate_nm
+from lit_eff.sparsity.masks import nm_mask
+from lit_eff.validation import check_nm
 
 __all__ = ["nm_sparsify", "nm_sparsify_reference", "triton_available"]
 
@@ -59,7 +60,9 @@ def _kernels() -> Any:
         valid = (g[:, None] < groups) & (c[None, :] < M)
         offs = g[:, None] * M + c[None, :]
         w = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.abs(w), -1.0)  # padding never beats a real |w| >= 0
+        # padding and NaN (w != w) rank below every real |w| >= 0; ties go to the lower index, so a
+        # real NaN column still beats the padding after it (as lit_eff.sparsity.nm_mask ranks)
+        s = tl.where(valid & (w == w), tl.abs(w), -1.0)
         # rank of column i = columns that beat it: larger, or equal and to its left (lower index wins)
         s_i = tl.expand_dims(s, 2)
         s_j = tl.expand_dims(s, 1)
@@ -168,7 +171,7 @@ class _NMSparsify(torch.autograd.Function):
 
 
 def _check(weight: torch.Tensor, n: int, m: int, beta: float, srste_lambda: float) -> None:
-    validate_nm(n, m)
+    check_nm(n, m)
     if weight.ndim < 2:
         raise ValueError(f"Expected a weight with at least 2 dimensions [out, in, ...], got shape {tuple(weight.shape)}")
     if weight.shape[1] % m:

@@ -2,10 +2,15 @@
 
 - :mod:`~lit_eff.sparsity.masks`: which weights to keep (N:M, magnitude, random; ERK and
   uniform layer densities).
+- :mod:`~lit_eff.sparsity.nm_schedule`, :mod:`~lit_eff.sparsity.pruning`,
+  :mod:`~lit_eff.sparsity.rigl`: the schedules and update rules of N:M training, gradual
+  magnitude pruning and RigL/SET, as functions of the optimizer step.
 - :mod:`~lit_eff.sparsity.parametrize`: ``module.weight`` read as ``W ⊙ (E + β(1−E))`` in
   forward, with straight-through gradients; :func:`export` leaves a plain model.
 - :mod:`~lit_eff.sparsity.targets`: which layers, by kind and name globs.
+- :mod:`~lit_eff.sparsity.pictures`: what a person can read of the masks (density chart, N:M pattern).
 
+>>> import torch
 >>> from lit_eff.models import GPT
 >>> from lit_eff import sparsity
 >>> model = GPT(n_layer=1)
@@ -19,18 +24,18 @@ from lit_eff.sparsity.group import MaskGroup
 from lit_eff.sparsity.masks import (
     erk_densities,
     global_magnitude_masks,
+    keep_largest,
     magnitude_mask,
     nm_mask,
     nm_masks,
     random_mask,
     uniform_densities,
-    validate_density,
-    validate_nm,
-    validate_sparsity,
 )
+from lit_eff.sparsity.nm_schedule import NMSchedule, nm_frames
 from lit_eff.sparsity.parametrize import (
     Mask,
     attach_mask,
+    effective_weight,
     export,
     get_mask,
     get_parametrization,
@@ -41,6 +46,9 @@ from lit_eff.sparsity.parametrize import (
     set_beta,
     set_mask,
 )
+from lit_eff.sparsity.pictures import density_chart, pattern_crop
+from lit_eff.sparsity.pruning import PruningSchedule, prune, pruning_scores
+from lit_eff.sparsity.rigl import drop_and_grow, drop_fraction
 from lit_eff.sparsity.semi_structured import is_2to4, layers_2to4, semi_structured_problems, to_semi_structured
 from lit_eff.sparsity.targets import DEFAULT_INCLUDE, LAYER_KINDS, find_targets
 
@@ -49,7 +57,13 @@ __all__ = [
     "LAYER_KINDS",
     "Mask",
     "MaskGroup",
+    "NMSchedule",
+    "PruningSchedule",
     "attach_mask",
+    "drop_and_grow",
+    "drop_fraction",
+    "density_chart",
+    "effective_weight",
     "erk_densities",
     "export",
     "find_targets",
@@ -59,19 +73,21 @@ __all__ = [
     "harden_state_dict",
     "has_mask",
     "is_2to4",
+    "keep_largest",
     "layers_2to4",
     "magnitude_mask",
     "masked_modules",
+    "nm_frames",
     "nm_mask",
     "nm_masks",
+    "pattern_crop",
+    "prune",
+    "pruning_scores",
     "random_mask",
     "remove_mask",
-    "set_beta",
     "semi_structured_problems",
+    "set_beta",
     "set_mask",
     "to_semi_structured",
     "uniform_densities",
-    "validate_density",
-    "validate_nm",
-    "validate_sparsity",
 ]

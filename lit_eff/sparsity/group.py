@@ -1,14 +1,10 @@
 """The masks of a technique's layers, for its per-step work as a few fused ops.
 
-A sparsity callback touches all its layers every optimizer step (new N:M masks, the SR-STE
-term, masking gradients, zeroing pruned weights). Done layer by layer through module attribute
-lookups, the Python overhead alone is a few percent of a small model's step; :class:`MaskGroup`
-resolves each layer's dense weight and :class:`~lit_eff.sparsity.parametrize.Mask` once and
-works on all of them with ``torch._foreach_*`` ops.
-
-The group holds module, parameter and parametrization objects, never buffer tensors, so it stays
-valid when the model moves between devices or dtypes (``.to()`` replaces buffers but keeps
-those objects).
+:class:`MaskGroup` holds each layer's module and :class:`~lit_eff.sparsity.parametrize.Mask`
+and works on all of them with ``torch._foreach_*`` ops. Parameters are looked up when used,
+never kept: ``fully_shard`` (FSDP2) replaces them after the group is built, and ``.to()``
+replaces buffers. Sharded (FSDP2) weights, gradients and optimizer states are edited shard by
+shard; masks are computed from the full weights (:mod:`lit_eff.sparsity.sharded`).
 
 >>> layers = {"a": torch.nn.Linear(8, 4), "b": torch.nn.Linear(8, 4)}
 >>> from lit_eff.sparsity import attach_mask
@@ -28,6 +24,7 @@ from torch import nn
 
 from lit_eff.sparsity.masks import nm_masks
 from lit_eff.sparsity.parametrize import Mask, _report, get_parametrization, set_beta
+from lit_eff.sparsity.sharded import full, is_sharded, local, local_part
 
 
 def _foreach(op, tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
@@ -53,12 +50,26 @@ class MaskGroup:
         if missing:
             raise ValueError(f"Expected every layer of a MaskGroup to carry a lit_eff mask, got none on {missing}")
         self.params: list[Mask] = params  # type: ignore[assignment]
-        self.weights: list[nn.Parameter] = [module.parametrizations.weight.original for module in self.modules]
+        self.version = 0  # changes whenever set_masks writes masks
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        """The dense weights as they are now (``DTensor`` shards under FSDP2)."""
+        return [module.parametrizations.weight.original for module in self.modules]
+
+    @torch.no_grad()
+    def full_weights(self) -> list[torch.Tensor]:
+        """The whole dense weights (gathered under FSDP2: every rank must call it); read only."""
+        return [full(w) for w in self.weights]
+
+    def _local_values(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each mask as numbers, the part matching ``like`` (a shard under FSDP2)."""
+        return [local_part(p.mask_values, t) for p, t in zip(self.params, like)]
 
     # masks -------------------------------------------------------------------------------------
     def nm_masks(self, n: int, m: int) -> list[torch.Tensor]:
         """The N:M masks of the current dense weights, ranked in one batch."""
-        return nm_masks(self.weights, n, m, names=self.names)
+        return nm_masks(self.full_weights(), n, m, names=self.names)
 
     @torch.no_grad()
     def set_masks(self, masks: list[torch.Tensor], density: float | list[float | None] | None = None) -> None:
@@ -75,11 +86,13 @@ class MaskGroup:
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
         torch._foreach_copy_([p.mask for p in self.params], masks)
         torch._foreach_copy_([p.mask_values for p in self.params], masks)
+        self.version += 1
         densities = density if isinstance(density, list) else [density] * len(self.params)
         for module, p, d in zip(self.modules, self.params, densities):
             new = float(p.mask.count_nonzero()) / p.mask.numel() if d is None else float(d)
             if new != p._density:
                 p._density = new
+                p._settle()
                 _report(module)
 
     def set_beta(self, beta: float) -> None:
@@ -88,18 +101,23 @@ class MaskGroup:
             if p._beta != beta:
                 set_beta(module, beta)
 
-    def pass_through(self, enabled: bool) -> None:
-        """While enabled, forward reads the dense weights as they are, so their gradients are
-        dense (RigL's growth criterion). Only valid while the dense weights are zero at pruned
-        positions: the masked value is then the same."""
+    @torch.no_grad()
+    def dense_values(self, enabled: bool) -> None:
+        """While enabled, forward multiplies by ones instead of the masks, so the weights' gradients
+        are dense (RigL's growth criterion) at no recompilation. Only valid while the dense weights
+        are zero at pruned positions: the forward value is then the same."""
         for p in self.params:
-            p.pass_through = enabled
+            if enabled:
+                p.mask_values.fill_(1)
+            else:
+                p.mask_values.copy_(p.mask)
 
     # per-step enforcement ------------------------------------------------------------------------
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Multiply each dense weight's gradient by its mask."""
-        pairs = [(w.grad, p.mask_values) for w, p in zip(self.weights, self.params) if w.grad is not None]
+        pairs = [(local(w.grad), local_part(p.mask_values, w.grad))
+                 for w, p in zip(self.weights, self.params) if w.grad is not None]
         _foreach(torch._foreach_mul_, [g for g, _ in pairs], [v for _, v in pairs])
 
     @torch.no_grad()
@@ -108,25 +126,49 @@ class MaskGroup:
         pairs = [(w, p.mask_values) for w, p in zip(self.weights, self.params) if w.grad is not None]
         if not pairs:
             return
-        grads = [w.grad for w, _ in pairs]
-        weights = [w.detach().to(w.grad.dtype) for w, _ in pairs]
-        pruned = torch._foreach_add(torch._foreach_neg([v.to(w.grad.dtype) for w, v in pairs]), 1.0)
-        torch._foreach_addcmul_(grads, weights, pruned, value=scale)
+        grads = [local(w.grad) for w, _ in pairs]
+        dense = [local(w).to(g.dtype) for (w, _), g in zip(pairs, grads)]
+        values = [local_part(v, w).to(g.dtype) for (w, v), g in zip(pairs, grads)]
+        pruned = torch._foreach_add(torch._foreach_neg(values), 1.0)
+        torch._foreach_addcmul_(grads, dense, pruned, value=scale)
 
     @torch.no_grad()
     def zero_pruned(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero the dense weights at pruned positions, and every optimizer-state tensor of a
         weight's shape (momentum, Adam moments) for the optimizers given."""
-        tensors = list(self.weights)
-        values = [p.mask_values for p in self.params]
-        by_id = {id(w): v for w, v in zip(self.weights, values)}
+        weights = self.weights
+        values = self._local_values(weights)
+        tensors = [local(w) for w in weights]
+        by_id = {id(w): (w, v) for w, v in zip(weights, values)}
         for optimizer in optimizers:
             for param, state in optimizer.state.items():
-                value = by_id.get(id(param))
-                if value is None:
+                found = by_id.get(id(param))
+                if found is None:
                     continue
                 for item in state.values():
-                    if isinstance(item, torch.Tensor) and item.shape == value.shape:
-                        tensors.append(item)
-                        values.append(value)
+                    if isinstance(item, torch.Tensor) and item.shape == found[0].shape \
+                            and is_sharded(item) == is_sharded(found[0]):
+                        tensors.append(local(item))
+                        values.append(found[1])
         _foreach(torch._foreach_mul_, tensors, values)
+
+    @torch.no_grad()
+    def finite(self) -> torch.Tensor:
+        """A bool per layer: whether its dense weight (this rank's shard) is finite. One fused norm
+        per (dtype, device), no device sync (read it later). The 2-norm is NaN or inf when an entry
+        is; it also overflows for |w| > ~1e19, so confirm a flagged layer with :meth:`all_finite`."""
+        shards = [local(w.detach()) for w in self.weights]
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(shards):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        out = torch.empty(len(shards), dtype=torch.bool, device=shards[0].device if shards else "cpu")
+        for (dtype, _), members in groups.items():
+            wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None  # no fp16 overflow
+            norms = torch._foreach_norm([shards[i] for i in members], 2, dtype=wide)
+            out[members] = torch.stack(norms).isfinite().to(out.device)
+        return out
+
+    @torch.no_grad()
+    def all_finite(self, index: int) -> bool:
+        """Whether layer ``index``'s dense weight (this rank's shard) is all finite, exactly."""
+        return bool(local(self.weights[index]).isfinite().all())

@@ -11,7 +11,8 @@ Nothing here touches a module; :mod:`lit_eff.sparsity.parametrize` applies the m
 
 Ties are broken by position, the same way everywhere: among equal magnitudes the weight with
 the lower index is kept, so every process computing a mask from the same weights gets the same
-mask::
+mask. A NaN ranks below every number, so a group or layer holding NaNs still keeps exactly the
+count asked for::
 
     >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
     >>> nm_mask(w, 2, 4)
@@ -27,44 +28,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from lit_eff.validation import check_density, check_nm, check_sparsity
+
 __all__ = [
     "erk_densities",
     "global_magnitude_masks",
+    "keep_largest",
     "magnitude_mask",
     "nm_mask",
     "nm_masks",
     "random_mask",
     "uniform_densities",
-    "validate_density",
-    "validate_nm",
-    "validate_sparsity",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# validation (shared with the callbacks, so every entry point words errors the same way)
-# ---------------------------------------------------------------------------------------------
-def validate_nm(n: int, m: int) -> None:
-    """Raise ``ValueError`` unless ``0 < n < m`` are integers."""
-    for name, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"Expected `{name}` to be an integer, got {name}={value!r}")
-    if n <= 0:
-        raise ValueError(f"Expected `n` > 0, got n={n}")
-    if n >= m:
-        raise ValueError(f"Expected `n` < `m`, got n={n}, m={m}")
-
-
-def validate_sparsity(sparsity: float, name: str = "sparsity") -> None:
-    """Raise ``ValueError`` unless ``sparsity`` is in [0, 1)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"Expected `{name}` in [0, 1), got {name}={sparsity}")
-
-
-def validate_density(density: float, name: str = "density") -> None:
-    """Raise ``ValueError`` unless ``density`` is in (0, 1]."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"Expected `{name}` in (0, 1], got {name}={density}")
 
 
 def _input_last(weight: torch.Tensor) -> torch.Tensor:
@@ -142,7 +117,7 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[st
     >>> a, b
     (tensor([[False,  True,  True, False]]), tensor([[False,  True,  True, False]]))
     """
-    validate_nm(n, m)
+    check_nm(n, m)
     views = []
     for i, weight in enumerate(weights):
         view = _input_last(weight.detach())
@@ -157,6 +132,7 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[st
         groups.setdefault((view.device, view.dtype), []).append(i)
     for members in groups.values():
         scores = torch.cat([views[i].abs().reshape(-1, m) for i in members])
+        scores.nan_to_num_(nan=-1.0, posinf=math.inf)  # NaN ranks below every |w| (an exact n per group)
         keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
         for i, part in zip(members, keep.split([views[i].numel() // m for i in members])):
             part = part.reshape(views[i].shape)
@@ -168,8 +144,8 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[st
 # unstructured
 # ---------------------------------------------------------------------------------------------
 def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """A flat mask pruning exactly the ``k`` smallest of the flat ``scores`` (ties: the higher
-    index is pruned first, so the lower index is kept)."""
+    """A flat mask pruning exactly the ``k`` smallest of the flat, NaN-free ``scores`` (ties: the
+    higher index is pruned first, so the lower index is kept)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k <= 0:
         return keep
@@ -185,10 +161,23 @@ def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def _magnitudes(weight: torch.Tensor) -> torch.Tensor:
-    """Flat ``|w|`` in a dtype every device's ``kthvalue`` supports."""
-    scores = weight.detach().abs().flatten()
-    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+def _flat_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Flat scores in a dtype every device's ``kthvalue`` supports, NaN as ``-inf``."""
+    flat = scores.detach().flatten()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    return torch.where(flat.isnan(), -math.inf, flat)
+
+
+def keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask shaped like ``scores`` keeping exactly its ``k`` largest entries (ties: the lower
+    flat index wins; NaN ranks lowest).
+
+    >>> keep_largest(torch.tensor([[1.0, 3.0], [3.0, float("nan")]]), 2)
+    tensor([[False,  True],
+            [ True, False]])
+    """
+    flat = _flat_scores(scores)
+    return _prune_smallest(flat, flat.numel() - int(k)).reshape(scores.shape)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -197,9 +186,8 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     >>> magnitude_mask(torch.tensor([3.0, -1.0, 2.0, 0.0]), 0.5)
     tensor([ True, False,  True, False])
     """
-    validate_sparsity(sparsity)
-    k = round(sparsity * weight.numel())
-    return _prune_smallest(_magnitudes(weight), k).reshape(weight.shape)
+    check_sparsity(sparsity)
+    return keep_largest(weight.detach().abs(), weight.numel() - round(sparsity * weight.numel()))
 
 
 def global_magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -212,10 +200,10 @@ def global_magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float)
     >>> masks["a"], masks["b"]
     (tensor([False, False]), tensor([True, True]))
     """
-    validate_sparsity(sparsity)
+    check_sparsity(sparsity)
     if not weights:
         raise ValueError("Expected at least one weight in `weights`, got none")
-    flat = [_magnitudes(w).float() for w in weights.values()]
+    flat = [_flat_scores(w.abs()).float() for w in weights.values()]
     scores = torch.cat(flat)
     keep = _prune_smallest(scores, round(sparsity * scores.numel()))
     parts = keep.split([f.numel() for f in flat])
@@ -232,12 +220,11 @@ def random_mask(shape: Sequence[int] | torch.Size, density: float, generator: to
     >>> random_mask((4, 8), 0.25, torch.Generator().manual_seed(0)).sum()
     tensor(8)
     """
-    validate_density(density)
+    check_density(density)
     if device is None:
         device = generator.device if generator is not None else "cpu"
     scores = torch.rand(tuple(shape), generator=generator, device=device)
-    k = scores.numel() - round(density * scores.numel())
-    return _prune_smallest(scores.flatten(), k).reshape(scores.shape)
+    return keep_largest(scores, round(density * scores.numel()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +232,7 @@ def random_mask(shape: Sequence[int] | torch.Size, density: float, generator: to
 # ---------------------------------------------------------------------------------------------
 def uniform_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
     """Every layer at ``density``."""
-    validate_density(density)
+    check_density(density)
     return {name: float(density) for name in shapes}
 
 
@@ -259,7 +246,7 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[s
     >>> round((d["small"] * 64 + d["big"] * 65536) / (64 + 65536), 6)
     0.1
     """
-    validate_density(density)
+    check_density(density)
     if not shapes:
         raise ValueError("Expected at least one layer shape in `shapes`, got none")
     if density == 1.0:

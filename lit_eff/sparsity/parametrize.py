@@ -2,9 +2,9 @@
 
 ``W`` is the dense weight (the parameter the optimizer updates), ``E`` a boolean mask buffer and
 ``β`` a scalar buffer: the value pruned positions are scaled by (0 for a plain mask; decaying
-from 1 to 0 for mask-decay, ALGORITHMS.md §1). By default the gradient is straight-through: the
-gradient of the effective weight reaches every entry of ``W``, pruned ones included (STE,
-SR-STE, mask-decay need that); ``ste=False`` gives the plain masked gradient instead.
+from 1 to 0 for mask decay). By default the gradient is straight-through: the gradient of the
+effective weight reaches every entry of ``W``, pruned ones included (STE, SR-STE, mask decay
+need that); ``ste=False`` gives the plain masked gradient instead.
 
 >>> from lit_eff.sparsity import attach_mask, export, nm_mask
 >>> layer = torch.nn.Linear(8, 4)
@@ -17,34 +17,23 @@ SR-STE, mask-decay need that); ``ste=False`` gives the plain masked gradient ins
 >>> sorted(layer.state_dict()), int((layer.weight != 0).sum())
 (['bias', 'weight'], 16)
 
-Design: a ``torch.nn.utils.parametrize`` parametrization rather than a forward pre-hook that
-writes ``module.weight`` (``torch.nn.utils.prune``'s way), because
+It is a ``torch.nn.utils.parametrize`` parametrization, so ``module.weight`` is the effective
+weight everywhere (tied or functional uses, monitors, export, FLOP counting); the dense weight
+stays the same ``Parameter`` object (optimizers built before or after keep working); masks and
+``β`` are buffers, so ``state_dict``, ``.to()`` and DDP carry them.
 
-- ``module.weight`` is the effective weight everywhere, not only inside the module's own
-  ``forward``: a tied or functional use (``F.linear(x, m.weight)``), a monitor reading the
-  weight, export and FLOP counting all see the masked weight, never a stale copy;
-- the dense weight stays the *same* ``Parameter`` object (parametrize moves it, export puts it
-  back with ``set_``), so an optimizer built before or after attaching keeps working;
-- masks and ``β`` are ordinary buffers of a submodule, so ``state_dict``, ``.to(device)``,
-  dtype casts and DDP's buffer broadcast carry them with no extra code;
-- the effective weight is computed once per access from plain autograd ops (one multiply, one
-  subtraction, one addition: the straight-through gradient with no Python in backward; one
-  multiply with ``ste=False``), and not at all for an all-ones mask.
-
-What it costs, and what to know:
-
-- **State-dict keys change.** A masked ``fc1`` saves ``fc1.parametrizations.weight.original``
-  (dense ``W``), ``fc1.parametrizations.weight.0.mask`` (``E``, bool) and
-  ``fc1.parametrizations.weight.0.beta`` (``β``) instead of ``fc1.weight``. A masked model's
-  state dict loads into any model masked at the same layers (resume: attach first, then load;
-  Lightning's ``setup`` runs before checkpoint restore, so callbacks attaching there are in
-  time). To use a masked checkpoint in a plain model, :func:`export` the model or pass the state
-  dict through :func:`harden_state_dict`.
-- The module's class is swapped for a generated subclass *of that instance only* (parametrize's
-  mechanism; no class is modified) and restored by :func:`export`. Parametrized modules refuse
-  to be pickled, so attach after processes are spawned (``setup``), not before.
-- A lit_eff mask must be the only parametrization on its tensor, and one per tensor (a second
-  sparsity technique on the same weight is refused).
+- **State-dict keys change**: ``fc1.parametrizations.weight.original`` (``W``),
+  ``fc1.parametrizations.weight.0.mask`` (``E``) and ``...0.beta`` (``β``) replace
+  ``fc1.weight``. Such a state dict loads into a model masked at the same layers; for a plain
+  model use :func:`export` or :func:`harden_state_dict`.
+- **torch.compile**: forward reads only buffers and :attr:`Mask.mode` (``"identity"`` for an
+  all-ones mask, ``"binary"`` for β = 0, ``"scaled"`` otherwise), which changes only when a
+  mask becomes or stops being all ones, or β becomes or stops being 0: new masks and new β
+  values need no recompilation.
+- **FSDP2**: the mask stays a full buffer; under ``fully_shard`` forward sees the gathered
+  weight, and reading ``module.weight`` outside forward returns a sharded effective weight.
+- The module's class is swapped for a generated subclass of that instance only (restored by
+  :func:`export`); parametrized modules cannot be pickled, so attach after processes are spawned.
 
 Masked modules report their density to :func:`lit_eff.flops.set_density` (``β > 0`` counts as
 dense: pruned weights still take part), refreshed on ``load_state_dict``; export clears it.
@@ -60,10 +49,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lit_eff.flops import clear_density, set_density
+from lit_eff.sparsity.sharded import DTensor, is_sharded, local_part
 
 __all__ = [
     "Mask",
     "attach_mask",
+    "effective_weight",
     "export",
     "get_mask",
     "get_parametrization",
@@ -83,12 +74,10 @@ class Mask(nn.Module):
     """The parametrization: ``forward(W) = W ⊙ (E + β(1−E))`` with buffers ``mask`` and ``beta``.
 
     Use :func:`attach_mask`, :func:`set_mask` and :func:`set_beta` rather than editing the
-    buffers directly, so that the density reported for FLOP counting stays right.
+    buffers, so that :attr:`mode` and the density reported for FLOP counting stay right.
 
-    The straight-through gradient is built from plain autograd ops,
-    ``stop_grad(W ⊙ (E + β(1−E))) + (W − stop_grad(W))``: the value is exactly the masked
-    weight (``W − W`` is exactly 0) and the gradient reaches ``W`` through one subtraction,
-    with no Python in backward (a Python ``autograd.Function`` cost twice as much per step).
+    The straight-through gradient is ``stop_grad(W ⊙ (E + β(1−E))) + (W − stop_grad(W))``: the
+    value is exactly the masked weight and the gradient reaches ``W`` through one subtraction.
     """
 
     def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True) -> None:
@@ -98,19 +87,31 @@ class Mask(nn.Module):
         # the mask as numbers, for fused multiplies (kept in the weight's dtype by set_mask)
         self.register_buffer("mask_values", mask.float(), persistent=False)
         self.ste = ste
-        # forward returns W as is for a while (see MaskGroup.pass_through); not saved
-        self.pass_through = False
-        self._beta = float(beta)  # host copies, so reporting a density needs no device sync
-        self._density = _mask_density(mask)  # 1.0: forward skips the mask
+        self._beta = float(beta)  # host copies: reporting a density or choosing a mode needs no sync
+        self._density = _mask_density(mask)
         self._order: list[str] = []
+        self.mode = "identity"
+        self._settle()
+
+    def _settle(self) -> None:
+        """Choose what forward computes from the host copies (the only Python state it reads)."""
+        self.mode = "identity" if self._density == 1.0 else "scaled" if self._beta > 0 else "binary"
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.pass_through or self._density == 1.0:  # nothing to mask
+        if self.mode == "identity":  # an all-ones mask
             return weight
+        if is_sharded(weight):  # `module.weight` read outside FSDP2's forward: mask this rank's shard
+            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight))
+            return DTensor.from_local(out, weight.device_mesh, weight.placements, shape=weight.shape,
+                                      stride=weight.stride())
+        return self._masked(weight, self.mask_values, self.mask)
+
+    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        binary = self.mode == "binary"
         if not self.ste:
-            return weight * self.mask_values if self._beta == 0 else torch.where(self.mask, weight, weight * self.beta)
+            return weight * values if binary else torch.where(mask, weight, weight * self.beta)
         dense = weight.detach()
-        masked = dense * self.mask_values if self._beta == 0 else torch.where(self.mask, dense, dense * self.beta)
+        masked = dense * values if binary else torch.where(mask, dense, dense * self.beta)
         return masked + (weight - dense)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ class Mask(nn.Module):
         return value
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.mask.shape)}, ste={self.ste}"
+        return f"shape={tuple(self.mask.shape)}, ste={self.ste}, mode={self.mode}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
         p._beta = float(p.beta)
         p._density = _mask_density(p.mask)
         p.mask_values.copy_(p.mask)
+        p._settle()
     _report(module)
 
 
@@ -221,6 +223,7 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
     if _refresh_after_load not in module._load_state_dict_post_hooks.values():
         module.register_load_state_dict_post_hook(_refresh_after_load)
     param._density = _mask_density(param.mask) if density is None else float(density)
+    param._settle()
     _report(module)
     return param
 
@@ -245,6 +248,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight", densit
     param.mask.copy_(_as_mask(mask, param.mask))
     param.mask_values.copy_(param.mask)
     param._density = _mask_density(param.mask) if density is None else float(density)
+    param._settle()
     _report(module)
 
 
@@ -254,6 +258,7 @@ def set_beta(module: nn.Module, beta: float, name: str = "weight") -> None:
     param = _require(module, name)
     param.beta.fill_(beta)
     param._beta = float(beta)
+    param._settle()
     _report(module)
 
 
@@ -276,9 +281,20 @@ def remove_mask(module: nn.Module, name: str = "weight", harden: bool = True) ->
     _report(module)
 
 
+@torch.no_grad()
+def effective_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The whole effective weight ``W ⊙ (E + β(1−E))`` of a masked module, gathered if FSDP2
+    shards it (then every rank must call it)."""
+    from lit_eff.sparsity.sharded import full
+
+    return _require(module, name)(full(module.parametrizations[name].original)).detach()
+
+
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules of ``model`` that carry a lit_eff mask, by name."""
-    return {name: module for name, module in model.named_modules() if _masks_of(module)}
+    """The modules of ``model`` that carry a lit_eff mask, by name (without compile wrappers)."""
+    from lit_eff.models.naming import named_modules  # (lit_eff.models imports lit_eff.sparsity)
+
+    return {name: module for name, module in named_modules(model) if _masks_of(module)}
 
 
 def export(model: nn.Module) -> nn.Module:

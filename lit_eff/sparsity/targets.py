@@ -1,9 +1,11 @@
 """Which layers a sparsity technique masks: layer kinds plus ``include``/``exclude`` name globs.
 
-Names are ``model.named_modules()`` names matched with :func:`fnmatch.fnmatchcase` (``*``
-matches dots too). By default the Linear layers inside transformer blocks are targeted
-(``*blocks.*``): attention and MLP projections of a timm ViT or the kit's GPT, while the patch
-embedding, token/position embeddings and classifier or LM head stay dense.
+Names are ``model.named_modules()`` names without ``torch.compile``'s ``_orig_mod.`` (so masks,
+seeds and checkpoint keys do not depend on compiling), matched with
+:func:`fnmatch.fnmatchcase` (``*`` matches dots too). By default the Linear layers inside
+transformer blocks are targeted (``*blocks.*``): attention and MLP projections of a timm ViT or
+the kit's GPT, while the patch embedding, token/position embeddings and classifier or LM head
+stay dense. ``kinds=["conv"]`` (or both) targets convolutions too.
 
 >>> from lit_eff.models import GPT
 >>> list(find_targets(GPT(n_layer=1)))
@@ -40,15 +42,27 @@ def _as_patterns(value: str | Sequence[str] | None, name: str) -> list[str]:
     return patterns
 
 
-def _layer_names(model: nn.Module) -> list[str]:
-    kinds = tuple(t for types in LAYER_KINDS.values() for t in types)
-    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from lit_eff.models.naming import named_modules  # (lit_eff.models imports lit_eff.sparsity)
+
+    return list(named_modules(model))
+
+
+def _kind_of(module: nn.Module) -> str | None:
+    return next((kind for kind, types in LAYER_KINDS.items() if isinstance(module, types)), None)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
 def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
     """Parameter id -> every ``module.param`` name holding it."""
+    from lit_eff.models.naming import clean_name
+
     holders: dict[int, list[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
+        module_name = clean_name(module_name)
         for param_name, param in module._parameters.items():
             if param is not None:
                 holders.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
@@ -73,19 +87,24 @@ def find_targets(model: nn.Module, include: str | Sequence[str] | None = None,
     include_patterns = _as_patterns(include, "include") if include is not None else list(DEFAULT_INCLUDE)
     exclude_patterns = _as_patterns(exclude, "exclude")
 
-    targets = {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, types)
-        and any(fnmatchcase(name, p) for p in include_patterns)
-        and not any(fnmatchcase(name, p) for p in exclude_patterns)
-    }
+    modules = _named_modules(model)
+    matched = [(name, module) for name, module in modules
+               if any(fnmatchcase(name, p) for p in include_patterns)
+               and not any(fnmatchcase(name, p) for p in exclude_patterns)]
+    targets = {name: module for name, module in matched if isinstance(module, types)}
     if not targets:
-        existing = _layer_names(model)
+        other = [name for name, module in matched if _kind_of(module) is not None]
+        if other:
+            kinds_there = sorted({_kind_of(module) for _, module in matched if _kind_of(module) is not None})
+            raise ValueError(f"include={include_patterns} exclude={exclude_patterns} matched only {'/'.join(kinds_there)} "
+                             f"layers ({_shown(other)}), and only {'/'.join(kind_names)} layers are masked: add "
+                             f"{kinds_there} to the layer kinds (the sparsity callbacks' `layers` argument, e.g. "
+                             f"layers: [linear, conv]) to mask them")
+        existing = [name for name, module in modules if _kind_of(module) is not None]
         if not existing:
             raise ValueError(f"{type(model).__name__} has no Linear or Conv layers to make sparse")
-        shown = ", ".join(existing[:_SHOWN]) + (f", ... ({len(existing)} in all)" if len(existing) > _SHOWN else "")
         raise ValueError(f"No {'/'.join(kind_names)} layer matched include={include_patterns} "
-                         f"exclude={exclude_patterns}; Linear/Conv layers in the model: {shown}")
+                         f"exclude={exclude_patterns}; Linear/Conv layers in the model: {_shown(existing)}")
 
     holders = _tied_elsewhere(model)
     for name, module in targets.items():

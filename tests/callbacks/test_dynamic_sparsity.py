@@ -166,7 +166,7 @@ def test_drop_fraction_is_cosine_decayed_and_updates_follow_the_interval():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"sparsity": 1.0}, r"Expected `sparsity` in \[0, 1\), got sparsity=1.0"),
     ({"sparsity": -0.1}, r"Expected `sparsity` in \[0, 1\), got sparsity=-0.1"),
-    ({"sparsity": "0.5"}, r"Expected `sparsity` to be a number in \[0, 1\), got sparsity='0.5'"),
+    ({"sparsity": "0.5"}, r"Expected `sparsity` in \[0, 1\), got sparsity='0.5'"),
     ({"sparsity": 0.5, "drop_fraction": 0.0}, r"Expected `drop_fraction` in \(0, 1\], got drop_fraction=0.0"),
     ({"sparsity": 0.5, "drop_fraction": 1.5}, r"Expected `drop_fraction` in \(0, 1\], got drop_fraction=1.5"),
     ({"sparsity": 0.5, "update_every": 0}, r"Expected `update_every` to be an integer >= 1, got update_every=0"),

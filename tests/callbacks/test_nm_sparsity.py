@@ -63,7 +63,7 @@ def test_srste_adds_lambda_pruned_weights_once_per_step(accumulate):
         start = {}
 
         class Snapshot(Callback):
-            def on_train_start(self, trainer, pl_module):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 for name, module in technique.targets.items():
                     start[name] = (module.parametrizations.weight.original.detach().clone(),
                                    sparsity.get_mask(module).clone())
@@ -168,11 +168,11 @@ def test_schedules_in_a_fit_follow_global_step_and_dense_warmup_is_unmasked():
     ({"method": "sr-ste"}, r"Expected `method` in \['ste', 'srste', 'mask_decay'\], got method='sr-ste'"),
     ({"decay": "cosine"}, r"Expected `decay` in \['linear', 'exp'\], got decay='cosine'"),
     ({"structure_decay": "densify"}, r"Expected `structure_decay` in .*got structure_decay='densify'"),
-    ({"srste_lambda": -1e-4}, r"Expected `srste_lambda` >= 0, got srste_lambda=-0.0001"),
-    ({"decay_rate": 0.0}, r"Expected `decay_rate` > 0, got decay_rate=0.0"),
+    ({"srste_lambda": -1e-4}, r"Expected `srste_lambda` in \[0, inf\), got srste_lambda=-0.0001"),
+    ({"decay_rate": 0.0}, r"Expected `decay_rate` in \(0, inf\), got decay_rate=0.0"),
     ({"dense_steps": -1}, r"Expected `dense_steps` to be an integer >= 0, got dense_steps=-1"),
     ({"finetune_steps": -2}, r"Expected `finetune_steps` to be an integer >= 0, got finetune_steps=-2"),
-    ({"total_steps": 0}, r"Expected `total_steps` to be an integer > 0 or None, got total_steps=0"),
+    ({"total_steps": 0}, r"Expected `total_steps` to be an integer >= 1 or None, got total_steps=0"),
     ({"dense_steps": 5, "finetune_steps": 6, "total_steps": 10},
      r"Expected `dense_steps` \+ `finetune_steps` <= `total_steps`, got dense_steps=5, finetune_steps=6, "
      r"total_steps=10"),

@@ -1,6 +1,7 @@
 import glob
 
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -29,17 +30,44 @@ def test_measure_counts_zeros_masks_and_flips():
     assert scaled["sparsity/global"] == 0.0 and scaled["sparsity/mask_global"] == 0.5
 
 
-def test_logs_scalars_and_a_mask_image_to_tensorboard(tmp_path):
+def test_logs_scalars_a_density_chart_and_an_nm_pattern_to_tensorboard(tmp_path):
     seeded()
+    monitor = SparsityMonitor(log_every_n_steps=2, image_every_n_steps=4)
     trainer = make_trainer(max_steps=4, logger=TensorBoardLogger(str(tmp_path)), log_every_n_steps=1,
-                           callbacks=[NMSparsity(n=2, m=4, method="ste"),
-                                      SparsityMonitor(log_every_n_steps=2, image_every_n_steps=4)])
+                           callbacks=[NMSparsity(n=2, m=4, method="ste"), monitor])
     trainer.fit(tiny_vit(), datamodule=digits())
     events = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.*"), recursive=True)[0])
     events.Reload()
     logged = events.Scalars("sparsity/mask_global")
     assert len(logged) >= 2 and all(e.value == 0.5 for e in logged)
-    assert any(tag.startswith("sparsity/mask/") for tag in events.Tags()["images"])
+    assert set(events.Tags()["images"]) == {"sparsity/density_by_layer", "sparsity/pattern/model.blocks.0.attn.qkv"}
+    # the chart's numbers: each layer's nonzero fraction of the weight forward uses
+    for name, module in sparsity.masked_modules(trainer.lightning_module).items():
+        assert monitor.densities[name] == float((module.weight != 0).float().mean()) == 0.5, name
+
+
+def test_density_chart_has_one_bar_per_layer_at_its_density():
+    densities = {"blocks.0.attn.qkv": 0.5, "blocks.0.mlp.fc1": 0.125, "head": 1.0}
+    figure = sparsity.density_chart(densities)
+    axes = figure.axes[0]
+    assert [round(bar.get_width(), 6) for bar in axes.patches] == [0.5, 0.125, 1.0]
+    assert [label.get_text() for label in axes.get_yticklabels()] == list(densities)
+    assert {text.get_text() for text in axes.texts} == {"50%", "12%", "100%"}
+
+
+def test_pattern_crop_shows_the_corner_of_the_mask_and_the_count_kept_per_group():
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    mask = sparsity.nm_mask(weight, 1, 8)
+    figure = sparsity.pattern_crop(mask, "fc1", m=8, rows=4, columns=32)
+    axes = figure.axes[0]
+    shown = torch.as_tensor(axes.images[0].get_array())
+    assert torch.equal(shown.bool(), mask[:4, :32])
+    counts = [text.get_text() for text in axes.texts]
+    assert counts == ["1"] * (4 * 4)  # 4 rows x 4 groups of 8, one kept in each
+    assert "groups of 8" in axes.get_title()
+    conv = sparsity.nm_mask(torch.randn(8, 16, 3, 3), 2, 4)  # a conv: inputs at the first kernel position
+    shown = torch.as_tensor(sparsity.pattern_crop(conv, "conv", m=4).axes[0].images[0].get_array())
+    assert torch.equal(shown.bool(), conv[:8, :16, 0, 0])
 
 
 @pytest.mark.parametrize("kwargs, message", [

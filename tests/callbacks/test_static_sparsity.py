@@ -153,11 +153,11 @@ def test_init_weights_errors(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"sparsity": 1.0}, r"Expected `sparsity` in \[0, 1\), got sparsity=1.0"),
-    ({"sparsity": "0.5"}, "Expected `sparsity` to be a number"),
+    ({"sparsity": "0.5"}, r"Expected `sparsity` in \[0, 1\), got sparsity='0.5'"),
     ({"mask": "topk"}, r"Expected `mask` in \['random', 'magnitude'\], got mask='topk'"),
     ({"distribution": "normal"}, r"Expected `distribution` in \['uniform', 'erk'\]"),
     ({"release_step": 0}, "Expected `release_step` to be an integer >= 1 or None, got release_step=0"),
-    ({"release_fraction": 1.0}, r"Expected `release_fraction` in \(0, 1\) or None, got release_fraction=1.0"),
+    ({"release_fraction": 1.0}, r"Expected `release_fraction` in \(0, 1\), got release_fraction=1.0"),
     ({"release_step": 5, "release_fraction": 0.5}, "at most one of `release_step` and `release_fraction`"),
     ({"include": "*fc1"}, "Expected `include` to be a list of name patterns"),
 ])

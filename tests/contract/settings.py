@@ -96,12 +96,14 @@ def _check_nm(trainer: Trainer, technique: NMSparsity) -> None:
 SETTINGS.update({
     # SR-STE 2:4 on the ViT: 2 dense steps, 4 masked, 2 fine-tune steps
     "NMSparsity-srste": Setting(NMSparsity, {"n": 2, "m": 4, "method": "srste", "dense_steps": 2,
-                                             "finetune_steps": 2}, "vit", check=_check_nm),
+                                             "finetune_steps": 2}, "vit", check=_check_nm,
+                                  compile_phases=1),  # all-ones masks -> 2:4 at step 2
     # progressive gradient flow on the GPT: 1 dense step, frames 3:4 -> 2:4 -> 1:4 with beta = exp(-0.5 t)
     # over steps 1-5, then 1:4 binary fine-tune for steps 6-7
     "NMSparsity-pgf": Setting(NMSparsity, {"n": 1, "m": 4, "method": "mask_decay", "decay": "exp",
                                            "decay_rate": 0.5, "structure_decay": "stepwise", "dense_steps": 1,
-                                           "finetune_steps": 2}, "gpt", check=_check_nm),
+                                           "finetune_steps": 2}, "gpt", check=_check_nm,
+                                compile_phases=2),  # dense -> decay (beta read from its buffer) -> binary
 })
 
 
@@ -126,7 +128,7 @@ def _check_sparsity_monitor(trainer: Trainer, monitor: SparsityMonitor) -> None:
 SETTINGS["SparsityMonitor"] = Setting(
     SparsityMonitor, {"log_every_n_steps": 2, "image_every_n_steps": 4}, "vit",
     companions=lambda: [NMSparsity(n=2, m=4, method="srste", dense_steps=1, finetune_steps=2)],
-    check=_check_sparsity_monitor,
+    check=_check_sparsity_monitor, compile_phases=1,  # the companion's dense -> 2:4 switch at step 1
 )
 
 
@@ -166,7 +168,8 @@ def _check_gmp(trainer: Trainer, technique: Callback) -> None:
 SETTINGS.update({
     # layer-wise on the ViT: updates at steps 1 (s=0), 3 (s=0.4375), 5 (= end_step, s=0.5)
     "MagnitudePruning": Setting(MagnitudePruning, {"final_sparsity": 0.5, "start_step": 1, "end_step": 5,
-                                                   "update_every": 2}, "vit", check=_check_gmp),
+                                                   "update_every": 2}, "vit", check=_check_gmp,
+                                 compile_phases=1),  # all-ones masks until the update at step 3
     # one global threshold on the GPT: updates at 0, 3, 6 and 7 (= end_step, s=0.6), from s_i=0.1
     "MagnitudePruning-global": Setting(MagnitudePruning, {"final_sparsity": 0.6, "initial_sparsity": 0.1,
                                                           "start_step": 0, "end_step": 7, "update_every": 3,
@@ -249,7 +252,7 @@ SETTINGS.update({
     # SPDF in one run on the ViT: random 75% masks for steps 1-5, released after step 5 (the resume
     # tests restart at step 3, before the release, and at step 6, after it)
     "StaticSparsity-release": Setting(StaticSparsity, {"sparsity": 0.75, "release_step": 5}, "vit",
-                                      check=_check_static),
+                                      check=_check_static, compile_phases=1),  # masked -> all ones at step 5
     # magnitude masks with ERK densities on the GPT, never released
     "StaticSparsity-magnitude": Setting(StaticSparsity, {"sparsity": 0.5, "mask": "magnitude",
                                                          "distribution": "erk"}, "gpt", check=_check_static),

@@ -52,6 +52,20 @@ def case(shape, n, m, beta, lam, dtype=torch.float32):
     return where
 
 
+def nan_case(n, m):
+    """NaN weights rank below every |w| in the kernel as in the reference: still exactly n per group."""
+    w = awkward((6, 4 * m), m)
+    w[3, 1] = w[4, :m] = float("nan")  # one NaN in a group, and a group of NaNs
+    w[5, 0] = float("inf")
+    out_ref, mask_ref = _apply(w, n, m, 0.0, 0.0, "torch")
+    out_ker, mask_ker = _apply(w, n, m, 0.0, 0.0, "triton")
+    where = f"NaN weights n={n} m={m}"
+    assert torch.equal(mask_ker, mask_ref), f"mask differs: {where}"
+    assert (mask_ker.reshape(-1, m).sum(1) == n).all(), f"not exactly {n}:{m}: {where}"
+    torch.testing.assert_close(out_ker, out_ref, rtol=0, atol=0, equal_nan=True)
+    return where
+
+
 def main() -> int:
     cases = []
     for m in (4, 8, 16, 32):
@@ -67,6 +81,9 @@ def main() -> int:
     ]
     for args in cases:
         print("ok", case(*args), flush=True)
+    for n, m in ((2, 4), (1, 8), (5, 16)):
+        print("ok", nan_case(n, m), flush=True)
+        cases.append((n, m))
     print(f"{len(cases)} cases passed")
     return 0
 

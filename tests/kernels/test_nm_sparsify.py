@@ -24,7 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def test_triton_kernels_match_the_reference_in_the_interpreter():
     """Masks and effective weights bit-identical, gradients identical, on m in {4, 8, 16, 32}, n in
     {1, m/2, m-1}, beta in {0, 0.3, 1}, group counts that leave a partial block, m = 6, a conv weight, fp16."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: the script's own folder comes first on sys.path, so without it an installed lit_eff
+    # (another checkout) would be tested instead of this one
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, os.path.join(HERE, "interpret_nm_sparsify.py")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

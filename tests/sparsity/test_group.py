@@ -57,3 +57,48 @@ def test_gradients_and_optimizer_state_masked_for_every_layer():
 def test_every_layer_needs_a_mask():
     with pytest.raises(ValueError, match=r"carry a lit_eff mask, got none on \['a', 'b'\]"):
         MaskGroup(_layers())
+
+
+def test_dense_values_let_gradients_through_without_changing_the_forward_value():
+    layers = _layers()
+    for layer in layers.values():
+        attach_mask(layer, mask=nm_mask(layer.weight, 1, 4), ste=False)
+    group = MaskGroup(layers)
+    group.zero_pruned()  # W is zero where pruned: RigL's invariant
+    x = {n: torch.randn(3, layer.in_features, dtype=layer.weight.dtype) for n, layer in layers.items()}
+    masked = {n: layer(x[n]).detach() for n, layer in layers.items()}
+    group.dense_values(True)
+    for name, layer in layers.items():
+        out = layer(x[name])
+        assert torch.equal(out, masked[name]), name  # the same value
+        out.sum().backward()
+    assert all((w.grad[~p.mask] != 0).any() for w, p in zip(group.weights, group.params))  # dense gradients
+    group.dense_values(False)
+    assert all(torch.equal(p.mask_values, p.mask.to(p.mask_values.dtype)) for p in group.params)
+
+
+def test_finite_flags_name_the_layers_holding_nan_or_inf():
+    layers = {**_layers(), "c": nn.Linear(4, 4)}
+    for layer in layers.values():
+        attach_mask(layer)
+    group = MaskGroup(layers)
+    assert group.finite().tolist() == [True, True, True]
+    with torch.no_grad():
+        group.weights[1][0, 3] = float("nan")
+        group.weights[2][1, 1] = float("inf")
+    assert group.finite().tolist() == [True, False, False]
+    assert [group.all_finite(i) for i in range(3)] == [True, False, False]
+    with torch.no_grad():
+        group.weights[1][0, 3] = group.weights[2][1, 1] = 3e19  # float32 "c": the fast check overflows, the exact one does not
+    assert group.finite().tolist() == [True, True, False] and all(group.all_finite(i) for i in range(3))
+
+
+def test_parameters_are_looked_up_when_used_not_kept():
+    """A parameter replaced after the group is built (as fully_shard does) is the one edited."""
+    layer = nn.Linear(8, 4)
+    attach_mask(layer, mask=nm_mask(layer.weight, 2, 4), ste=False)
+    group = MaskGroup({"a": layer})
+    replacement = nn.Parameter(torch.randn(4, 8))
+    layer.parametrizations.weight.original = replacement
+    group.zero_pruned()
+    assert group.weights[0] is replacement and (replacement[~group.params[0].mask] == 0).all()

@@ -9,6 +9,7 @@ from lit_eff.seeding import generator
 from lit_eff.sparsity import (
     erk_densities,
     global_magnitude_masks,
+    keep_largest,
     magnitude_mask,
     nm_mask,
     random_mask,
@@ -118,6 +119,33 @@ def test_random_mask_exact_count_and_rank_consistent():
     assert first.dtype == torch.bool and first.sum() == round(0.3 * 600)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert random_mask((4, 4), 1.0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite weights: masks keep exactly the count asked for
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16)])  # pairwise ranks (m <= 8) and topk
+def test_a_nan_in_a_group_still_keeps_exactly_n_and_ranks_lowest(n, m):
+    weight = torch.randn(6, 4 * m, generator=torch.Generator().manual_seed(m))
+    weight[0, 0] = weight[2, m + 1] = float("nan")
+    weight[1, 0] = float("inf")  # a huge weight ranks highest
+    mask = nm_mask(weight, n, m)
+    assert (mask.reshape(-1, m).sum(1) == n).all()
+    assert not mask[0, 0] and not mask[2, m + 1] and mask[1, 0]
+    finite = torch.nan_to_num(weight, nan=0.0)  # elsewhere the same mask as without the NaNs
+    assert torch.equal(mask[3:], nm_mask(finite[3:], n, m))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 16)])
+def test_an_all_nan_layer_gets_an_exact_mask_not_all_ones(n, m):
+    weight = torch.full((4, 2 * m), float("nan"))
+    mask = nm_mask(weight, n, m)
+    assert (mask.reshape(-1, m).sum(1) == n).all()
+    assert torch.equal(mask.reshape(-1, m), (torch.arange(m) < n).expand(8, m))  # ties: the lower index
+    assert int(magnitude_mask(weight, 0.75).sum()) == weight.numel() // 4
+    masks = global_magnitude_masks({"nan": weight, "ok": torch.randn(4, 2 * m)}, 0.5)
+    assert int(masks["nan"].sum()) == 0 and int(masks["ok"].sum()) == 4 * 2 * m  # NaN ranks below every |w|
+    assert keep_largest(torch.tensor([float("nan"), 1.0, float("nan"), 0.5]), 3).tolist() == [True, True, False, True]
 
 
 SHAPES = {"patch": (32, 1, 2, 2), "qkv": (96, 32), "fc1": (64, 32), "fc2": (32, 64), "head": (10, 32)}

@@ -271,13 +271,44 @@ def test_straight_through_value_is_exact_and_gradient_reaches_all_weights(beta):
 
 def test_all_ones_mask_costs_no_masking_work_until_something_is_pruned():
     layer = _layer()
-    attach_mask(layer, density=1.0)  # dense (a warm-up, or a released SPDF mask)
+    param = attach_mask(layer, density=1.0)  # dense (a warm-up, or a released SPDF mask)
     dense = layer.parametrizations.weight.original
-    assert layer.weight is dense
+    assert layer.weight is dense and param.mode == "identity"
     mask = nm_mask(dense, 2, 4)
     set_mask(layer, mask)  # counted: 0.5
-    assert layer.weight is not dense and torch.equal(layer.weight, dense * mask)
+    assert param.mode == "binary" and torch.equal(layer.weight, dense * mask)
+    set_beta(layer, 0.4)
+    assert param.mode == "scaled" and torch.equal(layer.weight, torch.where(mask, dense, dense * 0.4))
+    set_beta(layer, 0.0)
     set_mask(layer, torch.ones_like(mask))  # counted: all kept again
-    assert layer.weight is dense
+    assert layer.weight is dense and param.mode == "identity"
     # a Mask built directly from a sparse mask masks from the start
-    assert Mask(mask)._density == 0.5
+    assert Mask(mask)._density == 0.5 and Mask(mask).mode == "binary"
+
+
+def test_compiled_forward_recompiles_only_when_the_mode_changes():
+    """New masks and new beta values reach the compiled graph through buffers; only the mode
+    (all ones / binary / scaled) is specialized on."""
+    torch.manual_seed(0)
+    layer = _layer()
+    param = attach_mask(layer, mask=nm_mask(layer.weight, 2, 4), beta=0.9)
+    compiled = torch.compile(layer, backend="eager")
+    x = torch.randn(3, 16)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        for beta in (0.9, 0.7, 0.5, 0.25):  # mask decay: a new beta every step
+            set_beta(layer, beta)
+            dense = layer.parametrizations.weight.original
+            expected = torch.nn.functional.linear(x, torch.where(param.mask, dense, dense * beta), layer.bias)
+            torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-6)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+        for mask in (nm_mask(layer.weight, 1, 4), nm_mask(-layer.weight, 2, 4)):  # new masks
+            set_mask(layer, mask)
+            compiled(x)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+        set_beta(layer, 0.0)  # scaled -> binary: the one thing that compiles again
+        compiled(x)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
+    finally:
+        torch._dynamo.reset()

@@ -64,3 +64,19 @@ def test_tied_weight_is_refused():
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         find_targets(tiny_vit().model, **kwargs)
+
+
+def test_a_pattern_matching_only_other_layer_kinds_says_so():
+    with pytest.raises(ValueError, match=r"include=\['\*conv\*'\] exclude=\[\] matched only conv layers \(conv1.0, "
+                                         r".*\), and only linear layers are masked: add \['conv'\] to the layer kinds"):
+        find_targets(tiny_cnn().model, include=["*conv*"])
+    assert "layer1.0.conv1" in find_targets(tiny_cnn().model, include=["*conv*"], kinds=["conv"])
+
+
+def test_names_do_not_depend_on_a_compiled_submodule():
+    import torch
+
+    model = tiny_gpt()
+    plain = list(find_targets(model))
+    model.model.blocks[0] = torch.compile(model.model.blocks[0], backend="eager")
+    assert list(find_targets(model)) == plain  # no `_orig_mod.` in the names
