@@ -168,48 +168,35 @@ class GradientMasking(Technique):
         if step % self.refresh_every == 0 or self.refreshed_at is None:
             self.refresh(step)
         measure = self._measures(trainer)
-        names, weights, grads, keeps, drops, allowed_norms, like = [], [], [], [], [], [], None
+        layers, before, like = [], [], None
         for name, module, weight in self._layers_of(optimizer):
             if weight.grad is None:
                 continue  # frozen (LayerFreezing)
             if name not in self.patterns:  # no gradient at the last refresh: its pattern starts now
                 self._pattern(name, module, weight.grad)
-            keep, drop = self._keep(name, module, weight)
-            grad = local(weight.grad)
-            allowed = self.allowed(module)
-            if measure and allowed is not None:
-                allowed_norms.append((len(grads), grad.mul(local(allowed, weight))))
-            like = weight.grad
-            names.append(name)
-            weights.append(local(weight.detach()))
-            grads.append(grad)
-            keeps.append(keep)
-            drops.append(drop)
-        if not grads:
+            grad, allowed, like = local(weight.grad), self.allowed(module), weight.grad
+            if measure:
+                before.append((grad if allowed is None else grad * local(allowed, weight)).float().square().sum())
+            layers.append((name, local(weight.detach()), grad, *self._keep(name, module, weight)))
+        if not layers:
             return
-        if measure:  # ‖g ⊙ keep‖ / ‖g ⊙ allowed‖ over all layers, on the steps a logger writes
-            before = torch.stack([g.float().square().sum() for g in grads])
-            for index, masked in allowed_norms:
-                before[index] = masked.float().square().sum()
+        names, weights, grads, keeps, drops = (list(column) for column in zip(*layers))
         torch._foreach_mul_(grads, keeps)
-        if measure:
-            after = torch.stack([g.float().square().sum() for g in grads])
-            total, kept = sum_over_shards(torch.stack([before.sum(), after.sum()]), like)
+        if measure:  # ‖g ⊙ keep‖ / ‖g ⊙ allowed‖ over all layers, on the steps a logger writes
+            after = torch.stack([g.float().square().sum() for g in grads]).sum()
+            total, kept = sum_over_shards(torch.stack([torch.stack(before).sum(), after]), like)
             self._fraction = torch.where(total > 0, (kept / total).sqrt(), torch.ones_like(total))
             self._fraction_step = step
-        saved = self._copies(names, weights)
+        saved = [self._buffer(name, weight) for name, weight in zip(names, weights)]
         torch._foreach_copy_(saved, weights)
         self._pending[id(optimizer)] = (weights, saved, drops)
 
-    def _copies(self, names: list[str], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Reused buffers for the pre-step weights (one per layer, allocated once)."""
-        copies = []
-        for name, weight in zip(names, weights):
-            buffer = self._buffers.get(name)
-            if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
-                buffer = self._buffers[name] = torch.empty_like(weight)
-            copies.append(buffer)
-        return copies
+    def _buffer(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The reused buffer for the pre-step values of ``name``'s weight."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
+            buffer = self._buffers[name] = torch.empty_like(weight)
+        return buffer
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

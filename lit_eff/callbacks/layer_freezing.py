@@ -20,9 +20,6 @@ SCHEDULES = ("window", "composer")
 _REFUSED = {"FSDPStrategy": "FSDP1 flattens each unit's parameters into one flat parameter when it wraps the "
                             "model, and requires_grad changes made during training do not reach it",
             "DeepSpeedStrategy": "DeepSpeed partitions the parameters and owns the optimizer step"}
-_DDP_FIX = ("strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), or "
-            "DDPStrategy(find_unused_parameters=True); in YAML: trainer.strategy: {class_path: "
-            "lightning.pytorch.strategies.DDPStrategy, init_args: {find_unused_parameters: true}}")
 
 
 class LayerFreezing(Technique):
@@ -103,8 +100,7 @@ class LayerFreezing(Technique):
     # schedule ---------------------------------------------------------------------------------
     def count(self, step: int) -> int:
         """Units frozen at optimizer step ``step``."""
-        if self.units is None or self._total is None:
-            raise RuntimeError("LayerFreezing has no model and run length yet: use it in a Trainer")
+        assert self.units is not None and self._total is not None, "LayerFreezing runs in a Trainer"
         n = len(self.units.names)
         if self.schedule == "composer":
             return composer_count(step, self._total, n, self.final_fraction, self.freeze_start)
@@ -115,10 +111,11 @@ class LayerFreezing(Technique):
         """``freeze_end`` of the window schedule (0.75 when not given)."""
         return 0.75 if self.freeze_end is None else self.freeze_end
 
-    def first_freeze_step(self, units: int = 1) -> int | None:
-        """The first optimizer step trained with ``units`` units frozen (``None``: not before ``T``)."""
+    def first_freeze_step(self, units: int = 1) -> int:
+        """The first optimizer step trained with ``units`` units frozen (at most ``T``)."""
         assert self._total is not None
-        return first_step(self.count, units, self._total)
+        step = first_step(self.count, units, self._total)
+        return self._total if step is None else step
 
     def _unit_parameters(self, count: int) -> list[nn.Parameter]:
         assert self.units is not None
@@ -164,29 +161,24 @@ class LayerFreezing(Technique):
         self._warn_inactive(k)
 
     def _check_ddp(self, trainer: Trainer) -> None:
-        """DDP lets parameters stop receiving gradients after it wrapped the model only when it
-        looks for unused parameters every step (and not with a static graph)."""
         from torch.nn.parallel import DistributedDataParallel
 
         model = trainer.strategy.model
-        if not isinstance(model, DistributedDataParallel):
-            return
-        if model.static_graph:
-            raise ValueError("LayerFreezing does not support DDP with static_graph=True: frozen blocks stop "
-                             f"receiving gradients during training. Set static_graph=False and {_DDP_FIX}")
-        if not model.find_unused_parameters:
-            raise ValueError("LayerFreezing needs DDP with find_unused_parameters=True: frozen blocks stop receiving "
-                             "gradients after DDP wrapped the model, which DDP allows only when it looks for unused "
-                             f"parameters. Set {_DDP_FIX}")
+        if isinstance(model, DistributedDataParallel) and (model.static_graph or not model.find_unused_parameters):
+            raise ValueError("LayerFreezing needs DDP with find_unused_parameters=True (and static_graph=False): "
+                             "frozen blocks stop receiving gradients after DDP wrapped the model, which DDP allows "
+                             "only when it looks for unused parameters on every step. Set strategy="
+                             "'ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), or "
+                             "DDPStrategy(find_unused_parameters=True); in YAML: trainer.strategy: {class_path: "
+                             "lightning.pytorch.strategies.DDPStrategy, init_args: {find_unused_parameters: true}}")
 
     def _warn_inactive(self, k: int) -> None:
         assert self._run is not None
         first, last = self.first_freeze_step(1), self.first_freeze_step(k)
-        if first is None or first >= self._run:
+        if first >= self._run:
             validation.warn_inactive(self.name, "freeze_start", self.freeze_start, self._run,
-                                     f"the first unit freezes at step {first if first is not None else self._total}, "
-                                     f"after the last step {self._run - 1}")
-        elif self.schedule == "window" and (last is None or last >= self._run):
+                                     f"the first unit freezes at step {first}, after the last step {self._run - 1}")
+        elif self.schedule == "window" and last >= self._run:
             validation.warn_inactive(self.name, "freeze_end", self.window_end, self._run,
                                      f"only {self.count(self._run - 1)} of the {k} units freeze before the last "
                                      f"step (the last would freeze at step {last})")
@@ -202,7 +194,7 @@ class LayerFreezing(Technique):
         """Refuse a sparsity callback whose masks on units that freeze change once freezing starts."""
         assert self.units is not None and self._run is not None
         first = self.first_freeze_step(1)
-        if first is None or first >= self._run:
+        if first >= self._run:
             return
         freezable = {id(m) for unit in self.units.modules[: self.count(self._total)] for m in unit.modules()}
         for other in self.others(trainer, MaskingTechnique):

@@ -218,7 +218,7 @@ def test_ddp_needs_find_unused_parameters(strategy, refused):
     """One CPU process under DDP: refused before any step unless DDP looks for unused parameters."""
     technique = LayerFreezing(final_fraction=0.5, freeze_start=0.25)
     if refused:
-        with pytest.raises(ValueError, match=r"LayerFreezing needs DDP with find_unused_parameters=True: .* Set "
+        with pytest.raises(ValueError, match=r"LayerFreezing needs DDP with find_unused_parameters=True \(and static_graph=False\): .* Set "
                                              r"strategy='ddp_find_unused_parameters_true'"):
             run([technique], strategy=strategy, max_steps=4)
         assert technique.frozen == 0
