@@ -78,7 +78,8 @@ class LayerFreezing(Technique):
             if not isinstance(value, bool):
                 raise ValueError(f"Expected `{name}` to be true or false, got {name}={value!r}")
         if blocks is not None and (not isinstance(blocks, str) or not blocks):
-            raise ValueError(f"Expected `blocks` to be a dotted module name (e.g. 'model.blocks'), got blocks={blocks!r}")
+            raise ValueError(f"Expected `blocks` to be a dotted module name (e.g. 'model.blocks'), "
+                             f"got blocks={blocks!r}")
         validation.check_int("total_steps", total_steps, minimum=1, allow_none=True)
         self.final_fraction = float(final_fraction)
         self.freeze_start = float(freeze_start)

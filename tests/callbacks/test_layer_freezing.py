@@ -216,12 +216,18 @@ def test_fsdp1_is_refused_with_its_reason():
 @pytest.mark.parametrize("strategy, refused", [("ddp", True), ("ddp_find_unused_parameters_true", False)])
 def test_ddp_needs_find_unused_parameters(strategy, refused):
     """One CPU process under DDP: refused before any step unless DDP looks for unused parameters."""
-    technique = LayerFreezing(final_fraction=0.5, freeze_start=0.25)
+    technique, batches = LayerFreezing(final_fraction=0.5, freeze_start=0.25), []
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.append(batch_idx)
+
     if refused:
-        with pytest.raises(ValueError, match=r"LayerFreezing needs DDP with find_unused_parameters=True \(and static_graph=False\): .* Set "
+        with pytest.raises(ValueError, match=r"LayerFreezing needs DDP with find_unused_parameters=True "
+                                             r"\(and static_graph=False\): .* Set "
                                              r"strategy='ddp_find_unused_parameters_true'"):
-            run([technique], strategy=strategy, max_steps=4)
-        assert technique.frozen == 0
+            run([technique, Batches()], strategy=strategy, max_steps=4)
+        assert batches == []
     else:
         trainer, module = run([technique], strategy=strategy, max_steps=4)
         assert technique.frozen == 1 and not any(p.requires_grad for p in module.model.blocks[0].parameters())
@@ -237,9 +243,11 @@ def test_composer_schedule_in_a_fit():
 
     snapshots = Snapshots()
     run([LayerFreezing(final_fraction=1.0, freeze_start=0.25, schedule="composer"), snapshots])
-    assert [snapshots.frozen[s] for s in range(1, 9)] == [composer_reference(s, 8, 2, 1.0, 0.25) for s in range(1, 8)] + [2]
-    assert [snapshots.frozen[s] for s in range(1, 9)] == [0, 0, 0, 0, 1, 1, 1, 2]
-    assert_frozen_since(snapshots, ("model.patch_embed.", "model.cls_token", "model.pos_embed", "model.blocks.0."), 5, 8)
+    frozen = [snapshots.frozen[s] for s in range(1, 9)]
+    assert frozen == [composer_reference(s, 8, 2, 1.0, 0.25) for s in range(1, 9)]
+    assert frozen == [0, 0, 0, 0, 1, 1, 1, 2]
+    stem = ("model.patch_embed.", "model.cls_token", "model.pos_embed", "model.blocks.0.")
+    assert_frozen_since(snapshots, stem, 5, 8)
 
 
 def test_flops_are_recounted_when_a_block_freezes():
