@@ -69,11 +69,11 @@ class LayerFreezing(Technique):
         if schedule == "composer" and freeze_end is not None:
             raise ValueError(f"Expected no `freeze_end` with schedule='composer' (its last unit freezes at the end "
                              f"of training), got freeze_end={freeze_end!r}")
-        if freeze_end is not None:
-            validation.check_fraction("freeze_end", freeze_end)
-            if freeze_end < freeze_start:
-                raise ValueError(f"Expected `freeze_start` <= `freeze_end`, got freeze_start={freeze_start}, "
-                                 f"freeze_end={freeze_end}")
+        if schedule == "window":
+            end = 0.75 if freeze_end is None else validation.check_fraction("freeze_end", freeze_end)
+            if end < freeze_start:
+                raise ValueError(f"Expected `freeze_start` <= `freeze_end` (0.75 unless set), got "
+                                 f"freeze_start={freeze_start}, freeze_end={freeze_end}")
         for name, value in (("freeze_stem", freeze_stem), ("frozen_eval", frozen_eval)):
             if not isinstance(value, bool):
                 raise ValueError(f"Expected `{name}` to be true or false, got {name}={value!r}")

@@ -173,7 +173,10 @@ def test_magnitude_pruning_still_pruning_after_freezing_starts_is_refused():
     ({"final_fraction": 0.0}, r"Expected `final_fraction` in \(0, 1\], got final_fraction=0.0"),
     ({"final_fraction": 1.5}, r"Expected `final_fraction` in \(0, 1\], got final_fraction=1.5"),
     ({"freeze_start": -0.1}, r"Expected `freeze_start` in \[0, 1\], got freeze_start=-0.1"),
-    ({"freeze_start": 0.8, "freeze_end": 0.5}, r"Expected `freeze_start` <= `freeze_end`, got freeze_start=0.8"),
+    ({"freeze_start": 0.8, "freeze_end": 0.5}, r"Expected `freeze_start` <= `freeze_end` \(0.75 unless set\), "
+                                               r"got freeze_start=0.8, freeze_end=0.5"),
+    ({"freeze_start": 0.8}, r"Expected `freeze_start` <= `freeze_end` \(0.75 unless set\), got freeze_start=0.8, "
+                            r"freeze_end=None"),
     ({"total_steps": 0}, r"Expected `total_steps` to be an integer >= 1 or None, got total_steps=0"),
     ({"blocks": ""}, r"Expected `blocks` to be a dotted module name"),
     ({"schedule": "freezeout"}, r"Expected `schedule` in \['window', 'composer'\], got schedule='freezeout'"),
@@ -268,7 +271,8 @@ def test_flops_are_recounted_when_a_block_freezes():
 
 
 @pytest.mark.parametrize("kwargs, argument, why", [
-    ({"freeze_start": 1.0}, "freeze_start", r"the first unit freezes at step 8, after the last step 7"),
+    ({"freeze_start": 1.0, "freeze_end": 1.0}, "freeze_start",
+     r"the first unit freezes at step 8, after the last step 7"),
     ({"freeze_start": 0.5, "total_steps": 20}, "freeze_start", r"the first unit freezes at step 10, after the last"),
     ({"final_fraction": 1.0, "freeze_start": 0.1, "freeze_end": 0.9, "total_steps": 16}, "freeze_end",
      r"only 1 of the 2 units freeze before the last step \(the last would freeze at step 14\)"),
