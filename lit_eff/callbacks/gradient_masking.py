@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ class GradientMasking(Technique):
         self.patterns: dict[str, torch.Tensor] = {}  # full-size bool patterns, by layer name
         self.density_in_force: float | None = None
         self.refreshed_at: int | None = None
-        self._total = 0
+        self._total: int | None = None  # optimizer steps of this fit
         self._hooks: list[Any] = []
         self._plans: dict[int, list[tuple[str, nn.Module, nn.Parameter]]] = {}
         self._keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked layers: local keep, drop
@@ -68,7 +69,9 @@ class GradientMasking(Technique):
 
     def density_at(self, step: int) -> float:
         """The density a refresh at optimizer step ``step`` uses."""
-        return float(self.density(step)) if isinstance(self.density, Schedule) else float(self.density)
+        if isinstance(self.density, Schedule):
+            return validation.check_density(self.density(step), f"density (at step {step})")
+        return float(self.density)
 
     # setup ------------------------------------------------------------------------------------
     @override
@@ -82,8 +85,9 @@ class GradientMasking(Technique):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._total = self.run_length(trainer)
-        if isinstance(self.density, Schedule):
+        estimated = trainer.estimated_stepping_batches  # unknown for endless loaders: checked at refreshes
+        self._total = int(estimated) if math.isfinite(estimated) and estimated > 0 else None
+        if isinstance(self.density, Schedule) and self._total:
             validation.check_schedule_over_run("density", self.density, self._total, 0.0, 1.0, low_open=True,
                                                who=self.name)
 
@@ -159,7 +163,7 @@ class GradientMasking(Technique):
     def _measures(self, trainer: Trainer) -> bool:
         """Whether ``on_train_batch_end`` of this optimizer step hands its values to the loggers."""
         done, every = trainer.global_step + 1, trainer.log_every_n_steps
-        return (every > 0 and done % every == 0) or done >= self._total
+        return (every > 0 and done % every == 0) or (self._total is not None and done >= self._total)
 
     @override
     @torch.no_grad()

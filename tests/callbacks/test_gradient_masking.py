@@ -229,3 +229,12 @@ def test_kept_norm_fraction_reaches_the_logger_on_every_logged_step(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 3, 5]
     fractions = [float(r["grad_mask/kept_norm_fraction"]) for r in rows]
     assert all(0.0 < f < 1.0 for f in fractions) and len(set(fractions)) == len(fractions)
+
+
+def test_an_endless_run_checks_the_density_schedule_at_each_refresh():
+    """Without a known run length the schedule is checked when a refresh reads it."""
+    technique = GradientMasking(density=Linear(0.5, 0.0, 0, 4), refresh_every=2)
+    technique.on_fit_start(SimpleNamespace(estimated_stepping_batches=float("inf")), None)
+    assert technique.density_at(2) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"Expected `density \(at step 4\)` in \(0, 1\], got density \(at step 4\)=0.0"):
+        technique.density_at(4)
