@@ -4,13 +4,12 @@ The reference job (configs/vit_digits.yaml: model, data, optimizer; 4 blocks) tr
 number of optimizer steps per variant; variants alternate over several rounds in one process.
 Printed: median milliseconds per optimizer step (first step excluded) and the ratio to dense.
 
-- LayerFreezing, half the blocks frozen from step 0 (blocks 0-1 and the stem; issue target:
-  dense / frozen >= 1.2), and the same without the stem (only weight gradients disappear:
-  block 0 still back-propagates to the trainable patch embedding);
-- GradientMasking at density 0.2, refresh_every=30 (issue target: <= 5% over dense, amortized
-  over refreshes), and refresh_every=1 (a refresh every step: the top-k cost alone). The time
-  spent inside GradientMasking's own hooks is also summed and printed per step: a direct
-  measure of its overhead, unaffected by run-to-run noise.
+- LayerFreezing, half the blocks frozen from step 0 (blocks 0-1 and the stem), and the same
+  without the stem (only weight gradients disappear: block 0 still back-propagates to the
+  trainable patch embedding);
+- GradientMasking at density 0.2, refresh_every=30 (SparCL's setting), and refresh_every=1 (a
+  refresh every step: the top-k cost alone). The time spent inside GradientMasking's own hooks
+  is also summed and printed per step: its overhead, free of run-to-run noise.
 
     python benchmarks/gradients.py [--steps 120] [--rounds 5]
 """

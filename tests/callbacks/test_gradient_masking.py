@@ -15,8 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lit_eff import sparsity
 from lit_eff.callbacks import GradientMasking, LayerFreezing, MagnitudePruning, NMSparsity
-from lit_eff.callbacks.gradient_masking import dense_weight
-from lit_eff.gradients import kept_count
+from lit_eff.gradients import dense_weight, kept_count
 from lit_eff.schedules import Linear
 from tests.helpers import fit as run, seeded, tiny_vit
 
@@ -102,7 +101,7 @@ class StepProbe(Callback):
         self.before = {n: dense_weight(m).detach().clone() for n, m in t.layers.items()}
         self.keep = {n: t.patterns[n] & (sparsity.get_mask(m) if sparsity.has_mask(m) else True)
                      for n, m in t.layers.items()}
-        self.step, self.density = trainer.global_step, t._density
+        self.step, self.density = trainer.global_step, t.density_in_force
         self.patterns = {n: p.clone() for n, p in t.patterns.items()}
 
     def _after(self, optimizer, args, kwargs):
@@ -183,12 +182,19 @@ def test_density_outside_unit_interval(density):
         GradientMasking(density=density)
 
 
-def test_scheduled_density_outside_unit_interval():
-    with pytest.raises(ValueError, match=r"Expected `density` in \(0, 1\], got density=0.0"):
-        GradientMasking(density=Linear(0.0, 0.5, 0, 10))
-    technique = GradientMasking(density=Linear(0.5, 1.5, 0, 10))
-    with pytest.raises(ValueError, match=r"Expected `density \(at step 10\)` in \(0, 1\], got .*=1.5"):
-        technique.density_at(10)
+def test_a_density_schedule_leaving_the_unit_interval_is_refused_before_training():
+    seen = []
+
+    class Steps(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.global_step)
+
+    with pytest.raises(ValueError, match=r"GradientMasking: Expected `density` in \(0, 1\] at every step of the run "
+                                         r"\(0..7\), got Linear\(.*\) = 0 at step 4"):
+        run([GradientMasking(density=Linear(0.5, 0.0, 0, 4)), Steps()], max_steps=8)
+    assert seen == []
+    # reaching 0 only when the run is over is fine
+    run([GradientMasking(density=Linear(0.5, 0.0, 0, 8), refresh_every=2)], max_steps=8)
 
 
 @pytest.mark.parametrize("refresh_every", [0, -3, 2.5, True])
@@ -202,9 +208,33 @@ def test_patterns_that_match_nothing_list_the_layers():
         run([GradientMasking(include=["*nothing*"])], max_steps=1)
 
 
-def test_sharded_strategies_are_refused():
+def test_fsdp1_is_refused_with_its_reason():
     from lightning.pytorch.strategies import FSDPStrategy
 
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
-    with pytest.raises(ValueError, match=r"GradientMasking does not support FSDPStrategy.*Use DDP"):
+    with pytest.raises(ValueError, match=r"GradientMasking does not support FSDPStrategy: FSDP1 keeps gradients in "
+                                         r"flattened, sharded parameters. Use DDP or ModelParallelStrategy \(FSDP2\)"):
         GradientMasking().setup(trainer, tiny_vit(), "fit")
+
+
+def test_kept_norm_fraction_reaches_the_logger_on_every_logged_step(tmp_path):
+    """Measured exactly on the steps whose values the logger writes (log_every_n_steps=2)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    run([GradientMasking(density=0.25, refresh_every=3)], max_steps=7, log_every_n_steps=2,
+        logger=CSVLogger(tmp_path, name="run", version=0))
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")) if r["grad_mask/density"]]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    fractions = [float(r["grad_mask/kept_norm_fraction"]) for r in rows]
+    assert all(0.0 < f < 1.0 for f in fractions) and len(set(fractions)) == len(fractions)
+
+
+def test_an_endless_run_checks_the_density_schedule_at_each_refresh():
+    """Without a known run length the schedule is checked when a refresh reads it."""
+    technique = GradientMasking(density=Linear(0.5, 0.0, 0, 4), refresh_every=2)
+    technique.on_fit_start(SimpleNamespace(estimated_stepping_batches=float("inf")), None)
+    assert technique.density_at(2) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"Expected `density \(at step 4\)` in \(0, 1\], got density \(at step 4\)=0.0"):
+        technique.density_at(4)

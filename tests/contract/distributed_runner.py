@@ -51,8 +51,8 @@ def run(sid: str, strategy_name: str, out: str) -> None:
     setting = SETTINGS[sid]
     folder = os.path.join(out, sid, strategy_name)
     os.makedirs(folder, exist_ok=True)
-    strategy = DDPStrategy() if strategy_name == "ddp" else ModelParallelStrategy(data_parallel_size=2,
-                                                                                    tensor_parallel_size=1)
+    strategy = DDPStrategy(find_unused_parameters=setting.find_unused_parameters) if strategy_name == "ddp" \
+        else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     seeded(0)
     make_model, make_data = MODELS[setting.model]
     trainer = make_trainer(strategy=strategy, devices=2, max_steps=setting.steps,

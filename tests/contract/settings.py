@@ -44,6 +44,8 @@ class Setting:
     # None: works under FSDP2 (ModelParallelStrategy) like under DDP; otherwise the regex of
     # the message with which the technique refuses FSDP2 before training
     fsdp2_refusal: str | None = None
+    # DDP built with find_unused_parameters=True (the technique stops gradients of some parameters)
+    find_unused_parameters: bool = False
 
     def build(self) -> list[Callback]:
         return [*self.companions(), self.cls(**self.kwargs)]
@@ -303,10 +305,10 @@ SETTINGS.update({
         check=_check_grad_mask),
     # ViT (2 blocks): block 0 and the stem freeze at step 2
     "LayerFreezing": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.25}, "vit",
-                             check=_check_freezing, compile_phases=1),
+                             check=_check_freezing, compile_phases=1, find_unused_parameters=True),
     # GPT (2 blocks): block 0 and the position embedding freeze at step 4
     "LayerFreezing-gpt": Setting(LayerFreezing, {"final_fraction": 0.5, "freeze_start": 0.5, "freeze_end": 0.5},
-                                 "gpt", check=_check_freezing, compile_phases=1),
+                                 "gpt", check=_check_freezing, compile_phases=1, find_unused_parameters=True),
     # (timm ResNets are tested in tests/callbacks/test_layer_freezing.py: under DDP their BatchNorm running
     # statistics differ between ranks with or without a technique, which the DDP test here rejects)
 })
