@@ -145,7 +145,7 @@ class TokenMerging(BlockMixin):
         if on and m.r > 0:
             b, n, _ = keys.shape
             if size is None:
-                size = x.new_ones(b, n, 1, dtype=torch.float32)
+                size = x.new_ones(b, n, 1, dtype=torch.promote_types(x.dtype, torch.float32))
             metric = keys.reshape(b, n, self.attn.num_heads, -1).mean(dim=2)
             x, size = bipartite_merge(x, size, metric, m.r, m.prefix, m.variant)
         m.size_out = size if on else None
