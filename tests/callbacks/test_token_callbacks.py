@@ -147,3 +147,55 @@ def test_mod_stays_attached_after_fit_and_follows_a_new_model():
     _setup([skip], second)
     assert skip.machinery.adapter.model is second.model and type(first.model.blocks[1]) is Block
     skip.detach()
+
+
+class Compiles(Callback):
+    def __init__(self):
+        self.per_batch = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_batch.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.before)
+
+
+def test_a_keep_schedule_compiles_once_per_phase_and_counts_flops_as_eager():
+    from lit_eff.schedules import Step
+
+    def run(compiled):
+        seeded(0)
+        drop = TokenDrop(blocks=[1], keep_ratios=[Step([1.0, 0.5], milestones=[3])], score="random")
+        monitor, compiles, model = FlopsMonitor(), Compiles(), tiny_vit()
+        trainer = make_trainer(callbacks=[drop, monitor, compiles], max_steps=5, limit_val_batches=0)
+        torch._dynamo.reset()
+        trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, datamodule=digits())
+        torch._dynamo.reset()
+        return monitor, compiles, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    eager, _, eager_weights = run(False)
+    compiled, compiles, weights = run(True)
+    assert compiled.total_executed == eager.total_executed
+    # FlopsMonitor counts batch 0 eagerly and batch 1 compiles; the keep ratio changes at step 3,
+    # which FlopsMonitor counts eagerly too: one compile at batch 4, none after
+    assert [i for i, built in enumerate(compiles.per_batch) if built] == [1, 4]
+    assert all(torch.allclose(weights[k], eager_weights[k], atol=1e-5) for k in weights)
+
+
+def test_checkpoint_wrapper_keeps_results_and_token_counts():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    def run(wrap):
+        seeded(0)
+        merge, model = TokenMerge(r=4, apply_in="both"), tiny_vit()
+        if wrap:
+            blocks = set(model.model.blocks)
+            apply_activation_checkpointing(model.model, check_fn=lambda m: m in blocks)
+        trainer = make_trainer(callbacks=[merge], max_steps=2, limit_val_batches=0)
+        trainer.fit(model, datamodule=digits())
+        return merge.state_dict(), {k.replace("._checkpoint_wrapped_module", ""): v for k, v in model.state_dict().items()}
+
+    (plain_state, plain_weights), (state, weights) = run(False), run(True)
+    assert state == plain_state and state["layer_tokens"] == 2 * 32 * (17 + 13)
+    assert weights.keys() == plain_weights.keys()
+    assert all(torch.allclose(weights[k], plain_weights[k], atol=1e-6) for k in weights)
