@@ -1,35 +1,19 @@
 """How token techniques reach a model's token sequence: one small adapter per model family.
 
-A :class:`TokenAdapter` tells a technique where the transformer blocks are (each block maps a
-``[batch, tokens, dim]`` tensor to one of the same shape), how many leading *prefix* tokens
-(class, register, distillation tokens) must never be dropped or merged, whether the model is
-causal, and how many tokens an input makes. Blocks wrapped for activation checkpointing
-(``checkpoint_wrapper``) are seen through: techniques attach to the block inside. Positions must already be in the hidden
-states when they reach the blocks (learned or fixed absolute position embeddings added at the
-input), so gathering a subset of tokens keeps every token's position.
-
-Built in:
-
-- timm vision transformers: any module with ``blocks`` (``nn.Sequential`` or
-  ``nn.ModuleList``) and ``num_prefix_tokens`` (``VisionTransformer``, DeiT, ViTs with
-  register tokens...), unless it applies rotary embeddings inside its blocks;
-- the kit's :class:`~lit_eff.models.GPT` (causal, no prefix tokens).
-
-Adding a family takes one function that returns an adapter for the modules it recognises
-(``None`` otherwise), registered with :func:`register_adapter`::
-
-    from lit_eff.tokens import TokenAdapter, register_adapter
+A :class:`TokenAdapter` says where the blocks are (each maps ``[batch, tokens, dim]`` to the same
+shape), how many leading *prefix* tokens (class, distillation, registers) never drop or merge,
+whether the model is causal, and how many tokens an input makes. Positions must be in the
+hidden states already (absolute embeddings added at the input). Blocks inside
+``checkpoint_wrapper`` are seen through. Built in: timm ViTs (``blocks`` and
+``num_prefix_tokens``, no rotary or relative position biases) and the kit's GPT. Another family
+takes one function, registered with :func:`register_adapter`::
 
     @register_adapter
     def my_family(module):
         if not isinstance(module, MyTransformer):
             return None
         return TokenAdapter(model=module, blocks=list(module.layers), num_prefix_tokens=1,
-                            causal=False, family="my_family",
-                            sequence_length=lambda inputs: 1 + inputs.shape[1])
-
-:func:`find_adapter` walks a module (a LightningModule, a wrapper, the model itself) and
-returns the first match, or raises an error that says what is missing.
+                            family="my_family", sequence_length=lambda inputs: 1 + inputs.shape[1])
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """ToMe: merge ``r`` tokens per block by bipartite soft matching, as the official code does.
 
-In each merging block, between attention and MLP, the tokens split alternately into sets A and
-B; every A token finds its most similar B token (cosine of the attention keys averaged over
-heads); the ``r`` A tokens with the best matches are added into their partners weighted by
-token size (how many input patches a token stands for), and sizes add. Prefix tokens (class,
-distillation, registers) never merge. Attention in every later block adds ``log(size)`` to the
-logits (proportional attention), through ``attn_mask`` of the block's own attention (timm's fused
-``scaled_dot_product_attention`` path stays). With average pooling, the pooled feature is the
-size-weighted mean of the final tokens.
-
-``variant="official"`` follows the official code exactly: the whole sequence alternates (class
-token first, in A, never chosen to merge), unmerged A tokens stay in the order of their scores
-without a prefix token and in their original order with one. ``variant="ordered"`` sets the
-prefix tokens aside, alternates the patch tokens from the first one, and keeps the unmerged A
-tokens in their original order.
-
-:func:`attach_merge` swaps the class of every block from the first merging one on
+Between attention and MLP, tokens alternate into sets A and B; each A token finds its most
+similar B token (cosine of the keys averaged over heads) and the ``r`` best-matched A tokens are
+added into their partners weighted by size (patches per token). Later blocks add ``log(size)``
+to the attention logits through ``attn_mask``; average pooling becomes size-weighted.
+``variant="official"`` follows the official code (the whole sequence alternates, class token
+first and never merged); ``"ordered"`` sets prefix tokens aside and keeps unmerged tokens in
+order. :func:`attach_merge` swaps the class of every block from the first merging one on
 (:mod:`lit_eff.tokens.attach`) and reads the keys from ``attn.qkv`` with a forward hook.
 """
 

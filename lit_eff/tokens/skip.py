@@ -1,20 +1,12 @@
-"""Token skipping: chosen blocks process a subset of the tokens; the others pass through
-unchanged, in place (random-LTD, Mixture-of-Depths).
+"""Token skipping: chosen blocks process a subset of the tokens (gathered in their original
+order, prefix tokens always kept) and scatter the results back; the other tokens pass through
+unchanged, keeping their positions. In a causal model, kept tokens attend to kept earlier ones.
 
-A skipping block gathers its kept tokens in their original order (prefix tokens always kept),
-runs on them, and scatters the results back; skipped tokens keep their values and positions
-(positions live in the hidden states). In a causal model the block's causal attention over the
-gathered sequence is exactly "kept tokens attend to kept earlier tokens".
-
-- ``"ltd"`` (random-LTD): a random subset per block and sample, in training only. The choice is
-  drawn outside ``forward`` (:meth:`TokenSkipper.draw`, from :func:`lit_eff.seeding.generator`
-  keyed by the step, so every DDP rank makes the same choice) and handed to the block.
-- ``"mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block scores the tokens; the
-  top ``capacity`` fraction per sequence is processed and its block update is scaled by
-  ``sigmoid(router logit)``, which gives the router its gradient. Top-k over the sequence looks
-  at future tokens, so causal models route by ``sigmoid(logit) > 0.5`` at evaluation, a
-  per-token decision trained by a binary cross-entropy auxiliary loss (target: was the token in
-  the training top-k); evaluation then uses no future tokens (and ``generate()`` stays causal).
+- ``"ltd"`` (random-LTD): a random subset per block and sample in training, drawn outside
+  ``forward`` by :meth:`TokenSkipper.draw` (rank-consistent, keyed by the step).
+- ``"mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block picks the top
+  ``capacity`` fraction; updates are scaled by ``sigmoid(logit)``. Causal models route by
+  ``sigmoid(logit) > 0.5`` at evaluation, trained by a binary cross-entropy auxiliary loss.
 
 :func:`attach_skip` swaps the class of each skipping block (:mod:`lit_eff.tokens.attach`).
 """

@@ -139,6 +139,24 @@ def test_a_new_keep_count_compiles_once_and_then_not_again():
     torch._dynamo.reset()
 
 
+def test_a_growing_ltd_keep_compiles_twice_then_runs_dynamic():
+    """The kept count changes: one compile at the first change (the size becomes dynamic), one when
+    every token is kept again (nothing to gather)."""
+    model, x = _gpt(), _text()
+    skipper = attach_skip(model, [1], "ltd", keep=0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    built = []
+    for step, keep in enumerate([0.5, 0.5, 0.625, 0.625, 0.75, 0.875, 1.0, 1.0]):
+        skipper.keep = keep
+        skipper.draw((0, step, 0), batch=2, tokens=[32, 32])
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled(x)
+        built.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    assert built == [1, 0, 1, 0, 0, 0, 1, 0]
+    torch._dynamo.reset()
+
+
 def _checkpointed(model, form: str, attach):
     blocks = set(find_adapter(model).blocks)
     if form == "model":  # timm's or the GPT's own set_grad_checkpointing
