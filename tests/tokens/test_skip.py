@@ -110,3 +110,21 @@ def test_mod_on_vit_routes_top_k_patches_and_always_processes_the_class_token():
     changed = (out != x).any(-1)
     assert changed[:, 0].all() and changed.sum(1).tolist() == [1 + 4, 1 + 4]
     skipper.remove(keep_routers=False)
+
+
+def test_a_fresh_module_loads_mod_routers_and_a_later_skip_reuses_them():
+    """What the main process gets after a ddp_spawn fit: a state dict with routers, loaded into a
+    module that never had them (also with a compiled inner model)."""
+    lm = _gpt()
+    attach_skip(lm.model, blocks=[0, 1], method="mod")
+    state = lm.state_dict()
+    for compiled in (False, True):
+        fresh = tiny_gpt()
+        if compiled:
+            fresh.model = torch.compile(fresh.model, backend="eager")
+        fresh.load_state_dict(state)  # strict: every router key found its module
+        gpt = fresh.model._orig_mod if compiled else fresh.model
+        router = gpt.blocks[1].token_router
+        assert torch.equal(router.weight, state["model.blocks.1.token_router.weight"])
+        attach_skip(gpt, blocks=[0, 1], method="mod")
+        assert gpt.blocks[1].token_router is router  # reused, not re-initialised
