@@ -15,8 +15,11 @@ FlopsMonitor logs); ``ratio`` = measured speedup / predicted speedup (target >= 
   Mixture-of-Depths at capacity 50% on every block.
 - ViT inference (no grad, batch 64): TokenMerge training-free (r=4 in every block; r=8 in the
   first 6 blocks) and TokenDrop at evaluation; predicted from forward FLOPs.
+- ``--compile``: the same ViT training step eager and under ``torch.compile`` (inductor), dense
+  and TokenDrop; ``compiled`` = eager time / compiled time of the same variant. The random
+  choice is drawn outside the model each step, as the callback does.
 
-    OMP_NUM_THREADS=1 python benchmarks/tokens.py [--rounds 4] [--steps 3]
+    OMP_NUM_THREADS=1 python benchmarks/tokens.py [--rounds 4] [--steps 3] [--only vit|gpt|compile]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from lit_eff.flops import count_flops
 from lit_eff.models import GPT
-from lit_eff.tokens import attach_drop, attach_merge, attach_skip
+from lit_eff.tokens import TokenDropper, TokenSkipper, attach_drop, attach_merge, attach_skip
 
 
 def vit():
@@ -69,6 +72,14 @@ GPT_VARIANTS = {
 }
 
 
+def draw(reducer, x: torch.Tensor, keys: tuple) -> None:
+    """The random choice of a step, drawn outside the model (as the callbacks do)."""
+    if isinstance(reducer, TokenDropper) and reducer.score == "random":
+        reducer.draw(keys, x.shape[0])
+    elif isinstance(reducer, TokenSkipper) and reducer.method == "ltd":
+        reducer.draw(keys, x.shape[0], [x.shape[1]] * reducer.adapter.depth)
+
+
 def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, train: bool = True) -> None:
     """Training steps (``train``) or no-grad inference forwards of each variant."""
     x, y = make_batch()
@@ -77,8 +88,7 @@ def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, tr
     for name, attach in variants.items():
         model = make_model().train(train)
         reducer = attach(model) if attach else None
-        if reducer is not None and hasattr(reducer, "keys"):
-            reducer.keys = (0, 0, 0)
+        draw(reducer, x, (0, 0, 0))
         if train:
             flops[name] = count_flops(lambda: loss_fn(model(x), y)).total
         else:
@@ -89,8 +99,7 @@ def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, tr
         for name, (model, reducer, opt) in models.items():
             start = time.perf_counter()
             for s in range(steps):
-                if reducer is not None and hasattr(reducer, "keys"):
-                    reducer.keys = (0, r, s)
+                draw(reducer, x, (0, r, s))
                 if not train:
                     with torch.no_grad():
                         model(x)
@@ -111,11 +120,47 @@ def bench(make_model, variants, make_batch, loss_fn, rounds: int, steps: int, tr
             reducer.remove()
 
 
+COMPILE_VARIANTS = {
+    "dense": None,
+    "TokenDrop keep 0.5 from block 4 (attn)": lambda m: attach_drop(m, [4], [0.5], score="attn"),
+    "TokenDrop 1->0.5->0.25 at 4, 8 (random)": lambda m: attach_drop(m, [4, 8], [0.5, 0.25], score="random"),
+}
+
+
+def bench_compile(rounds: int, steps: int) -> None:
+    """Eager vs compiled (inductor) training steps of the ViT, dense and with TokenDrop."""
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    runs = {}
+    for name, attach in COMPILE_VARIANTS.items():
+        for compiled in (False, True):
+            model = vit().train()
+            reducer = attach(model) if attach else None
+            run = torch.compile(model) if compiled else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            runs[name, compiled] = (run, reducer, opt)
+    times = {key: [] for key in runs}
+    for r in range(rounds + 1):  # round 0 warms up (and compiles)
+        for key, (run, reducer, opt) in runs.items():
+            start = time.perf_counter()
+            for s in range(steps):
+                draw(reducer, x, (0, r, s))
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(run(x), y).backward()
+                opt.step()
+            if r:
+                times[key].append((time.perf_counter() - start) / steps)
+    print(f"{'variant':42s} {'eager ms':>9s} {'compiled ms':>12s} {'compiled':>9s} {'vs dense':>9s}")
+    dense = statistics.median(times["dense", True])
+    for name in COMPILE_VARIANTS:
+        eager, compiled = statistics.median(times[name, False]), statistics.median(times[name, True])
+        print(f"{name:42s} {eager * 1e3:9.1f} {compiled * 1e3:12.1f} {eager / compiled:8.2f}x {dense / compiled:8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--only", choices=["vit", "gpt"], default=None)
+    parser.add_argument("--only", choices=["vit", "gpt", "compile"], default=None)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); median of {args.rounds} rounds x "
           f"{args.steps} training steps")
@@ -126,6 +171,9 @@ def main() -> None:
         print("\nthe same ViT, inference (no grad), batch 64")
         bench(vit, VIT_EVAL_VARIANTS, lambda: (torch.randn(64, 3, 32, 32), None), None, args.rounds, args.steps,
               train=False)
+    if args.only == "compile":
+        print("\nViT width 192, depth 12, 32x32 images, patch 4, batch 32: eager vs torch.compile (inductor)")
+        bench_compile(args.rounds, args.steps)
     if args.only in (None, "gpt"):
         print("\nGPT width 192, 6 blocks, block size 256, batch 8")
         bench(gpt, GPT_VARIANTS, lambda: (torch.randint(0, 256, (8, 256)), torch.randint(0, 256, (8, 256))),

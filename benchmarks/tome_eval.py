@@ -1,7 +1,7 @@
 """ToMe applied training-free to a trained digits ViT: test accuracy and inference speedup vs r.
 
 Loads a checkpoint of ``configs/vit_digits.yaml`` (dense training), then for each ``r`` attaches
-:func:`lit_eff.tokens.attach_merge` (evaluation only, proportional attention) and prints the test
+:func:`lit_eff.tokens.attach_merge` (official ToMe, proportional attention) and prints the test
 accuracy, the FLOP-predicted forward speedup (:func:`lit_eff.flops.count_flops`) and the measured
 inference speedup over the whole test split (median of rounds, variants alternating).
 
@@ -56,7 +56,8 @@ def main() -> None:
             merger = attach_merge(model, r=r, blocks=args.blocks) if r else None
             flops = count_flops(lambda: model(x0), backward=False).total
             acc, _ = evaluate(model, batches)
-            out = merger.tokens_out[-1] if merger else model.patch_embed.num_patches + model.num_prefix_tokens
+            out = model.patch_embed.num_patches + model.num_prefix_tokens
+            out = merger.tokens_out(out) if merger else out
             results[r] = [flops, acc, out, []]
             if merger:
                 merger.remove()

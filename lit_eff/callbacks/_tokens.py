@@ -1,15 +1,18 @@
-"""What the token callbacks share: block-list checks, claims on blocks, seed keys, counters."""
+"""What the token callbacks share: block checks, claims on blocks, per-batch preparation
+(scheduled values, random choices drawn outside ``forward``) and token counts computed from
+the structure of the step, not counted inside ``forward``."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+import torch
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lit_eff.callbacks._checks import is_int, is_number
-from lit_eff.callbacks._claims import describe_in
-from lit_eff.callbacks._logging import log_step
+from lit_eff import validation
+from lit_eff.callbacks.technique import Technique, log_step
 from lit_eff.schedules import Schedule
 from lit_eff.seeding import run_seed
 from lit_eff.tokens.adapters import TokenAdapter, find_adapter
@@ -20,7 +23,7 @@ def check_blocks(name: str, blocks: Any, allow_none: bool = True) -> None:
     if blocks is None and allow_none:
         return
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)) or not blocks \
-            or not all(is_int(b) for b in blocks):
+            or not all(validation.is_int(b) for b in blocks):
         raise ValueError(f"Expected `{name}` to be a non-empty list of block indices (integers), got {name}={blocks!r}")
     if blocks[0] < 0 or any(b <= a for a, b in zip(blocks, blocks[1:])):
         raise ValueError(f"Expected `{name}` to be strictly increasing block indices >= 0, got {name}={list(blocks)}")
@@ -32,39 +35,57 @@ def check_blocks_in_range(name: str, blocks: list[int], adapter: TokenAdapter) -
                          f"0..{adapter.depth - 1}), got {name}={list(blocks)}")
 
 
-def check_fraction(name: str, value: Any, step: int | None = None) -> None:
-    """A number in (0, 1]; a Schedule is checked at its end points (and at ``step`` when given)."""
-    if isinstance(value, Schedule):
-        probes = [getattr(value, "start", None), getattr(value, "end", None),
-                  *getattr(value, "values", [])] if step is None else [value(step)]
-        for probe in [p for p in probes if p is not None]:
-            if not 0.0 < probe <= 1.0:
-                at = f" at step {step}" if step is not None else ""
-                raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r} (value {probe}{at})")
+def check_fraction(name: str, value: Any) -> None:
+    """A number in (0, 1]; a Schedule is checked at its end points (over the run at ``setup``)."""
+    if not isinstance(value, Schedule):
+        validation.check_fraction(name, value, low_open=True)
         return
-    if not is_number(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r}")
+    probes = [getattr(value, "start", None), getattr(value, "end", None), *getattr(value, "values", [])]
+    for probe in [p for p in probes if p is not None]:
+        if not validation.is_number(probe) or not 0.0 < probe <= 1.0:
+            raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r} (value {probe})")
 
 
-def value_at(value: float | Schedule, step: int, name: str) -> float:
-    if isinstance(value, Schedule):
-        check_fraction(name, value, step)
-        return float(value(step))
-    return float(value)
+def value_at(value: float | Schedule, step: int) -> float:
+    return float(value(step)) if isinstance(value, Schedule) else float(value)
 
 
-class TokenCallback(Callback):
-    """Base of the token callbacks: finds the adapter, checks claims, keeps seed keys and counters."""
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The model input of a batch: its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+class TokenCallback(Technique):
+    """Base of the token callbacks: finds the adapter, checks claims, prepares each batch
+    (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`).
+
+    ``changes_length``: the technique changes the token count every later block sees (dropping,
+    merging); one such technique per model, as token sizes and dropped tokens cannot be tracked
+    together.
+    """
 
     kind = "reduces tokens in"  # how messages describe the claim
-    machinery: Any = None
+    changes_length = False
 
     def __init__(self) -> None:
+        super().__init__()
         self.claimed: list[int] = []
-        self.machinery = None
-        self._restored: dict[str, int] = {}
-        self._logged_tokens = (0, 0)
+        self.machinery: Any = None
+        self.layer_tokens = 0  # tokens that entered a block's computation in training (running total)
+        self.dense_layer_tokens = 0  # the same without the technique
+        self.last_choice = 0  # a fingerprint of the last random choice (equal on every DDP rank)
+        self._logged = (0, 0)
+        self._lengths: set[int] = set()  # input token counts of this run (for flops_key)
+        self._last_tokens: int | None = None
 
+    # attaching --------------------------------------------------------------------------------
     def attached_to(self, pl_module: LightningModule) -> bool:
         """Already attached to this module (a second stage of one run); attached elsewhere: detach."""
         if self.machinery is None:
@@ -75,92 +96,129 @@ class TokenCallback(Callback):
         return False
 
     def adapter_for(self, pl_module: LightningModule) -> TokenAdapter:
-        return find_adapter(pl_module)
+        adapter = find_adapter(pl_module)
+        if not adapter.knows_length:
+            raise ValueError(f"{self.name} needs to know how many tokens an input makes; the {adapter.family} adapter "
+                             "has neither `num_patches` nor `sequence_length`")
+        if adapter.num_patches is not None:
+            self._lengths.add(adapter.num_prefix_tokens + adapter.num_patches)
+        return adapter
+
+    def check_schedules(self, trainer: Trainer, stage: str, values: list[tuple[str, Any]]) -> None:
+        """Refuse a Schedule that leaves (0, 1] at some step of the run, before training."""
+        for name, value in values:
+            if stage == "fit" and isinstance(value, Schedule):
+                validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
+                                                   who=self.name)
 
     def claim(self, trainer: Trainer, blocks: list[int]) -> None:
         """Refuse blocks another token callback of ``trainer`` already claimed."""
-        mine = set(blocks)
-        for other in trainer.callbacks:
-            if other is self or not isinstance(other, TokenCallback) or not other.claimed:
+        for other in self.others(trainer, TokenCallback):
+            if not other.claimed:
                 continue
-            clash = sorted(mine & set(other.claimed))
-            conflict = self.conflicts_with(other)
-            if clash or conflict:
-                why = conflict or (f"{describe_in(trainer, other)} {other.kind} blocks {clash}, which "
-                                   f"{describe_in(trainer, self)} {self.kind} too")
+            clash = sorted(set(blocks) & set(other.claimed))
+            why = self.conflict(other) or (clash and f"{other.describe(trainer)} {other.kind} blocks {clash}, which "
+                                                     f"{self.describe(trainer)} {self.kind} too")
+            if why:
                 raise ValueError(f"Two token techniques conflict: {why}. Give them disjoint `blocks` or keep one")
         self.claimed = list(blocks)
 
-    def conflicts_with(self, other: TokenCallback) -> str | None:
-        return None
+    def conflict(self, other: TokenCallback) -> str | None:
+        if not (self.changes_length and other.changes_length):
+            return None
+        if type(other) is type(self):
+            return f"two {self.name} callbacks would both change the token count of the whole model; use one"
+        return (f"{other.name} and {self.name} both change the token count of the whole model "
+                "(merged token sizes and dropped tokens cannot be tracked together)")
 
-    # seeds ------------------------------------------------------------------------------------
+    def lengths(self, trainer: Trainer, tokens: int) -> list[int]:
+        """Tokens entering each block in training when ``tokens`` enter the first one."""
+        for cb in [self, *self.others(trainer, TokenCallback)]:
+            if cb.changes_length and cb.machinery is not None:
+                return cb.machinery.lengths(tokens, training=True)
+        return [tokens] * self.machinery.adapter.depth
+
+    # per batch --------------------------------------------------------------------------------
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: torch.Tensor,
+                training: bool) -> None:
+        """Set this batch's scheduled values and random choices on the model (outside ``forward``)."""
+
+    def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
+        """Tokens each block processes in a training step at ``step`` when ``tokens`` enter the model."""
+        return self.lengths(trainer, tokens)
+
+    def _inputs(self, batch: Any) -> torch.Tensor:
+        inputs = first_tensor(batch)
+        if inputs is None:
+            raise ValueError(f"{self.name} found no tensor in the batch ({type(batch).__name__}) to read its size from")
+        return inputs
+
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.machinery is not None:
-            self.machinery.keys = (run_seed(), trainer.global_step, batch_idx)
-            self.update(trainer, trainer.global_step)
+        if self.machinery is None:
+            return
+        inputs = self._inputs(batch)
+        tokens = self.machinery.adapter.tokens_in(inputs)
+        self._lengths.add(tokens)
+        self._last_tokens = tokens
+        self.prepare(trainer, pl_module, (run_seed(), trainer.global_step, batch_idx), inputs, True)
+        self.layer_tokens += inputs.shape[0] * sum(self.counts(trainer, trainer.global_step, tokens))
+        self.dense_layer_tokens += inputs.shape[0] * tokens * self.machinery.adapter.depth
 
-    def _eval_keys(self, trainer: Trainer, stage: str, batch_idx: int) -> None:
+    def _eval_batch(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Any, batch_idx: int) -> None:
         if self.machinery is not None:
-            self.machinery.keys = (run_seed(), stage, trainer.global_step, batch_idx)
-            self.update(trainer, trainer.global_step)
+            keys = (run_seed(), stage, trainer.global_step, batch_idx)
+            self.prepare(trainer, pl_module, keys, self._inputs(batch), False)
 
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_keys(trainer, "val", batch_idx)
+        self._eval_batch(trainer, pl_module, "val", batch, batch_idx)
 
     @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_keys(trainer, "test", batch_idx)
+        self._eval_batch(trainer, pl_module, "test", batch, batch_idx)
 
     @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_keys(trainer, "predict", batch_idx)
+        self._eval_batch(trainer, pl_module, "predict", batch, batch_idx)
 
-    def update(self, trainer: Trainer, step: int) -> None:
-        """Set the scheduled values for ``step`` on the machinery."""
+    @override
+    def flops_key(self, trainer: Trainer) -> Hashable:
+        """The tokens every block processes at this step, for each input length seen in the run."""
+        if self.machinery is None:
+            return None
+        step = trainer.global_step
+        return tuple((n, tuple(self.counts(trainer, step, n))) for n in sorted(self._lengths))
 
-    # counters ---------------------------------------------------------------------------------
+    # logging and state ------------------------------------------------------------------------
     def token_counts(self) -> dict[str, float]:
         """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the
         last call, over what the dense model would have processed)."""
-        m = self.machinery
-        done, dense = m.layer_tokens - self._logged_tokens[0], m.dense_layer_tokens - self._logged_tokens[1]
-        self._logged_tokens = (m.layer_tokens, m.dense_layer_tokens)
-        values = {"tokens/layer_tokens": float(m.layer_tokens)}
+        done, dense = self.layer_tokens - self._logged[0], self.dense_layer_tokens - self._logged[1]
+        self._logged = (self.layer_tokens, self.dense_layer_tokens)
+        values = {"tokens/layer_tokens": float(self.layer_tokens)}
         if dense:
             values["tokens/layer_token_fraction"] = done / dense
         return values
 
-    def log_step_values(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float]) -> None:
+    def log_step_values(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, Any]) -> None:
         """Log ``values`` and the token counts on the steps Lightning writes to its loggers."""
         log_step(trainer, pl_module, lambda: {**values, **self.token_counts()})
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        m = self.machinery
-        if m is None:
-            return dict(self._restored)
-        return {"layer_tokens": int(m.layer_tokens), "dense_layer_tokens": int(m.dense_layer_tokens),
-                "last_choice": int(getattr(m, "last_choice", 0))}
+    def technique_state(self) -> dict[str, Any]:
+        return {"layer_tokens": self.layer_tokens, "dense_layer_tokens": self.dense_layer_tokens,
+                "last_choice": self.last_choice}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = {k: int(v) for k, v in state_dict.items()}
-        self._apply_restored()
-
-    def _apply_restored(self) -> None:
-        if self.machinery is not None and self._restored:
-            for key, value in self._restored.items():
-                if hasattr(self.machinery, key):
-                    setattr(self.machinery, key, value)
-            self._logged_tokens = (self.machinery.layer_tokens, self.machinery.dense_layer_tokens)
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        for key in ("layer_tokens", "dense_layer_tokens", "last_choice"):
+            setattr(self, key, int(state.get(key, 0)))
+        self._logged = (self.layer_tokens, self.dense_layer_tokens)
 
     def detach(self) -> None:
-        """Remove the machinery from the model (the callbacks call it at ``teardown``)."""
+        """Remove the technique from the model (the callbacks call it at ``teardown``)."""
         if self.machinery is not None:
-            self._restored = self.state_dict()
             self.machinery.remove()
             self.machinery = None
         self.claimed = []

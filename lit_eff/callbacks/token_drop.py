@@ -7,9 +7,8 @@ from typing import Any, Literal
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lit_eff.callbacks._checks import check_choice
-from lit_eff.callbacks._tokens import (TokenCallback, check_blocks, check_blocks_in_range, check_fraction,
-                                       value_at)
+from lit_eff import validation
+from lit_eff.callbacks._tokens import TokenCallback, check_blocks, check_blocks_in_range, check_fraction, value_at
 from lit_eff.schedules import Schedule
 from lit_eff.tokens.drop import MODES, QUERIES, TokenDropper
 from lit_eff.tokens.select import SCORES
@@ -17,46 +16,22 @@ from lit_eff.tokens.select import SCORES
 
 class TokenDrop(TokenCallback):
     """Keeps a shrinking share of the patch tokens at chosen blocks and physically removes the
-    rest, so every later block, the final norm and the pooling run on fewer tokens
-    (PyramidDrop, ALGORITHMS.md §7.1; :mod:`lit_eff.tokens.drop`).
+    rest, so every later block, the final norm and the pooling run on fewer tokens (PyramidDrop;
+    :mod:`lit_eff.tokens.drop`; docs/techniques/token_drop.md).
 
-    At ``blocks[i]``, the patch tokens entering the block are scored and the top
-    ``⌊N₀·keep_ratios[i]⌋`` are kept in their original order (N₀: patch tokens at the first
-    block); prefix tokens (class, registers) are always kept. Scores (no gradient):
-
-    - ``"attn"``: attention of the class token over the tokens, from the block's own ``norm1``
-      and q/k projections: one query row against all keys (about a third of the block's qkv
-      projection, no attention matrix);
-    - ``"cosine"``: cosine similarity to the class token; ``"norm"``: feature L2 norm;
-    - ``"random"``: uniform, from a generator keyed by (run seed, step, batch, block), the same
-      on every DDP rank.
-
-    The query of ``"attn"`` and ``"cosine"`` (``query``) is the class token, or the mean token:
-    ``"auto"`` takes the mean token when the model pools by averaging (its class token does not
-    feed the head; on the digits ViT, class-token attention picked worse tokens than random) or
-    has no class token. A keep
-    ratio may be a :class:`~lit_eff.schedules.Schedule` of the optimizer step (for example from
-    1.0 down to 0.5). ``apply_in`` chooses training, evaluation or both. Vision only: a causal
+    At ``blocks[i]`` the top ``⌊N₀·keep_ratios[i]⌋`` patch tokens (N₀: patch tokens at the first
+    block) are kept in their original order; prefix tokens always stay. Vision only: a causal
     language model cannot lose tokens for good (use :class:`TokenSkip`).
 
-    Logs ``tokens/kept_fraction/block{b}`` (patch tokens kept after the stage at block ``b``, over
-    N₀), ``tokens/layer_tokens`` (tokens that entered a block, running total) and
-    ``tokens/layer_token_fraction`` (the same per step, over the dense count).
-    :class:`FlopsMonitor` sees the reduced shapes directly.
-
-    Runs on: ``setup`` (finds the blocks through :mod:`lit_eff.tokens.adapters`, checks, puts a
-    forward pre-hook on the block instances), ``on_train_batch_start`` and the evaluation batch
-    starts (scheduled ratios, seed keys), ``on_train_batch_end`` (logging), ``teardown``
-    (hooks removed: a plain model again).
-
     Args:
-        blocks: block indices where a stage starts, strictly increasing; ``None``: the middle
-            block (``depth // 2``).
+        blocks: block indices where a stage starts, strictly increasing; ``None``: the middle block.
         keep_ratios: fraction of the original patch tokens kept from each stage on, in (0, 1];
-            numbers or Schedules, one per block.
-        score: ``"attn"``, ``"cosine"``, ``"norm"`` or ``"random"``.
+            numbers or Schedules of the optimizer step, one per block.
+        score: ``"attn"`` (attention of the query token, from the block's own q/k), ``"cosine"``,
+            ``"norm"`` or ``"random"`` (the same draw on every DDP rank).
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
-        query: ``"auto"``, ``"cls"`` or ``"mean"``: the token whose view scores the others.
+        query: ``"auto"``, ``"cls"`` or ``"mean"``: the token whose view scores the others
+            (``"auto"``: the mean token for average-pooled models or without a class token).
 
     Example (keep 1 -> 0.5 -> 0.25 at a third and two thirds of a 12-block ViT)::
 
@@ -67,6 +42,7 @@ class TokenDrop(TokenCallback):
     """
 
     kind = "drops tokens at"
+    changes_length = True
 
     def __init__(
         self,
@@ -89,23 +65,17 @@ class TokenDrop(TokenCallback):
         if blocks is None and len(keep_ratios) != 1:
             raise ValueError(f"Expected `blocks` with {len(keep_ratios)} keep ratios (blocks=None means one stage "
                              f"at the middle block), got keep_ratios={list(keep_ratios)}")
-        check_choice("score", score, SCORES)
-        check_choice("apply_in", apply_in, MODES)
-        check_choice("query", query, QUERIES)
+        validation.check_choice("score", score, SCORES)
+        validation.check_choice("apply_in", apply_in, MODES)
+        validation.check_choice("query", query, QUERIES)
         self.blocks = None if blocks is None else list(blocks)
         self.keep_ratios = list(keep_ratios)
         self.score = score
         self.apply_in = apply_in
         self.query = query
 
-    @override
-    def conflicts_with(self, other: TokenCallback) -> str | None:
-        from lit_eff.callbacks.token_merge import TokenMerge
-
-        if isinstance(other, (TokenMerge, TokenDrop)):
-            return (f"{type(other).__name__} and TokenDrop both change the token count of the whole model "
-                    "(merged token sizes and dropped tokens cannot be tracked together)")
-        return None
+    def ratios_at(self, step: int) -> list[float]:
+        return [value_at(r, step) for r in self.keep_ratios]
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -118,24 +88,33 @@ class TokenDrop(TokenCallback):
                              "lit_eff.callbacks.TokenSkip, which passes skipped tokens through unchanged")
         blocks = self.blocks if self.blocks is not None else [adapter.depth // 2]
         check_blocks_in_range("blocks", blocks, adapter)
+        self.check_schedules(trainer, stage, [("keep_ratios", r) for r in self.keep_ratios])
         self.claim(trainer, blocks)
-        self.machinery = TokenDropper(adapter, blocks, [value_at(r, trainer.global_step, "keep_ratios")
-                                                        for r in self.keep_ratios], self.score, self.apply_in,
-                                      query=self.query)
-        self._apply_restored()
+        self.machinery = TokenDropper(adapter, blocks, self.ratios_at(trainer.global_step), self.score,
+                                      self.apply_in, query=self.query)
 
     @override
-    def update(self, trainer: Trainer, step: int) -> None:
-        self.machinery.ratios = [value_at(r, step, "keep_ratios") for r in self.keep_ratios]
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: Any, training: bool) -> None:
+        m: TokenDropper = self.machinery
+        m.set_ratios(self.ratios_at(trainer.global_step), m.adapter.tokens_in(inputs) - m.adapter.num_prefix_tokens)
+        if self.score == "random" and m.active(training):
+            choice = m.draw(keys, inputs.shape[0], pl_module.device)
+            if training:
+                self.last_choice = choice
+
+    @override
+    def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
+        return self.machinery.lengths(tokens, self.ratios_at(step))
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        m = self.machinery
+        m: TokenDropper = self.machinery
         if m is None or not m.active(True):
             return
-        self.log_step_values(trainer, pl_module, {f"tokens/kept_fraction/block{block}": fraction
-                                                  for block, fraction in zip(m.stages, m.kept_fraction)})
+        kept = m.kept(m.ratios, m.patches)
+        self.log_step_values(trainer, pl_module, {f"tokens/kept_fraction/block{block}": k / m.patches
+                                                  for block, k in zip(m.stages, kept)})
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

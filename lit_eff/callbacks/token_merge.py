@@ -7,39 +7,28 @@ from typing import Any, Literal
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lit_eff.callbacks._checks import check_choice, is_int
+from lit_eff import validation
 from lit_eff.callbacks._tokens import TokenCallback, check_blocks, check_blocks_in_range
 from lit_eff.tokens.drop import MODES
-from lit_eff.tokens.merge import TokenMerger, check_merge_fits, merge_schedule
+from lit_eff.tokens.merge import VARIANTS, TokenMerger, check_merge_fits, merge_schedule
 
 
 class TokenMerge(TokenCallback):
-    """Merges ``r`` tokens in each chosen block by bipartite soft matching (ToMe, ALGORITHMS.md
-    §7.4; :mod:`lit_eff.tokens.merge`).
+    """Merges ``r`` tokens in each chosen block by bipartite soft matching, as the official ToMe
+    code does (:mod:`lit_eff.tokens.merge`; docs/techniques/token_merge.md).
 
-    Between attention and MLP, patch tokens split alternately into A and B; each A token's most
-    similar B token (cosine of attention keys averaged over heads) is its partner, and the ``r``
-    best-matched A tokens are averaged into their partners, weighted by size (patches per token).
-    The class and other prefix tokens are never merged. With ``prop_attn``, attention adds
-    ``log(size)`` to the logits through the ``attn_mask`` of timm's own attention, so the fused
-    ``scaled_dot_product_attention`` path is kept. Average pooling becomes size-weighted.
-
-    ``apply_in="eval"`` (default) makes it training-free: train dense, evaluate merged.
-    ``"train"``/``"both"`` merge during training too (no new parameters).
-
-    Logs ``tokens/kept_fraction`` (tokens leaving the last block over tokens entering the first)
-    at each training step or, when merging only at evaluation, once per validation epoch, plus
-    ``tokens/layer_tokens`` and ``tokens/layer_token_fraction`` during training.
-
-    Runs on: ``setup`` (checks that ``r`` fits the patch count, replaces ``forward`` on the
-    block instances from the first merging block on), ``on_train_batch_end`` /
-    ``on_validation_epoch_end`` (logging), ``teardown`` (forwards restored).
+    Between attention and MLP, the ``r`` most similar tokens of one alternating half are averaged
+    into their partners in the other, weighted by size (patches per token); prefix tokens never
+    merge. ``prop_attn`` adds ``log(size)`` to the attention logits; average pooling becomes
+    size-weighted. ``apply_in="eval"`` (default) is training-free: train dense, evaluate merged.
 
     Args:
         r: tokens merged per chosen block (an integer), or one integer per block of the model.
         blocks: the blocks that merge ``r`` tokens (``None``: all); ignored when ``r`` is a list.
         prop_attn: proportional attention (``+log(size)`` on the attention logits).
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
+        variant: ``"official"`` (ToMe's own split and order) or ``"ordered"`` (prefix tokens set
+            aside, unmerged tokens kept in their original order).
 
     Example (merge 4 tokens in every block, at evaluation only)::
 
@@ -50,6 +39,7 @@ class TokenMerge(TokenCallback):
     """
 
     kind = "merges tokens in"
+    changes_length = True
 
     def __init__(
         self,
@@ -57,31 +47,23 @@ class TokenMerge(TokenCallback):
         blocks: list[int] | None = None,
         prop_attn: bool = True,
         apply_in: Literal["train", "eval", "both"] = "eval",
+        variant: Literal["official", "ordered"] = "official",
     ) -> None:
         super().__init__()
-        if is_int(r):
-            if r < 0:
-                raise ValueError(f"Expected `r` >= 0 (tokens merged per block), got r={r}")
-        elif not isinstance(r, (list, tuple)) or not r or not all(is_int(v) and v >= 0 for v in r):
+        if validation.is_int(r):
+            validation.check_int("r", r, minimum=0)
+        elif not isinstance(r, (list, tuple)) or not r or not all(validation.is_int(v) and v >= 0 for v in r):
             raise ValueError(f"Expected `r` to be an integer >= 0 or a list of them (one per block), got r={r!r}")
         check_blocks("blocks", blocks)
-        check_choice("apply_in", apply_in, MODES)
+        validation.check_choice("apply_in", apply_in, MODES)
+        validation.check_choice("variant", variant, VARIANTS)
         if not isinstance(prop_attn, bool):
             raise ValueError(f"Expected `prop_attn` to be true or false, got prop_attn={prop_attn!r}")
-        self.r = r if is_int(r) else list(r)
+        self.r = r if validation.is_int(r) else list(r)
         self.blocks = None if blocks is None else list(blocks)
         self.prop_attn = prop_attn
         self.apply_in = apply_in
-
-    @override
-    def conflicts_with(self, other: TokenCallback) -> str | None:
-        if isinstance(other, TokenMerge):
-            return "two TokenMerge callbacks would each track token sizes; use one with a list `r`"
-        from lit_eff.callbacks.token_drop import TokenDrop
-
-        if isinstance(other, TokenDrop):
-            return other.conflicts_with(self)
-        return None
+        self.variant = variant
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -100,29 +82,26 @@ class TokenMerge(TokenCallback):
             check_merge_fits(schedule, adapter.num_patches)
         first = next((i for i, v in enumerate(schedule) if v > 0), adapter.depth)
         self.claim(trainer, list(range(first, adapter.depth)))
-        self.machinery = TokenMerger(adapter, schedule, self.prop_attn, self.apply_in)
-        self._apply_restored()
+        self.machinery = TokenMerger(adapter, schedule, self.prop_attn, self.apply_in, self.variant)
 
-    def kept_fraction(self) -> float | None:
-        m = self.machinery
-        n_in = m.adapter.num_patches
-        if n_in is None or not m.tokens_out or not m.tokens_out[-1]:
-            return None
-        return m.tokens_out[-1] / (n_in + m.adapter.num_prefix_tokens)
+    def kept_fraction(self, training: bool) -> float | None:
+        m: TokenMerger = self.machinery
+        tokens = self._last_tokens or (None if m.adapter.num_patches is None
+                                       else m.adapter.num_patches + m.adapter.num_prefix_tokens)
+        return None if tokens is None else m.tokens_out(tokens, training) / tokens
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.machinery is None or not self.machinery.active(True):
             return
-        fraction = self.kept_fraction()
-        self.log_step_values(trainer, pl_module, {} if fraction is None else {"tokens/kept_fraction": fraction})
+        self.log_step_values(trainer, pl_module, {"tokens/kept_fraction": self.kept_fraction(True)})
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.machinery is None or not self.machinery.active(False) or trainer.sanity_checking:
             return
-        fraction = self.kept_fraction()
+        fraction = self.kept_fraction(False)
         if fraction is not None:
             pl_module.log("tokens/eval_kept_fraction", fraction, batch_size=1)
 

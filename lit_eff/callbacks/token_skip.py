@@ -7,9 +7,8 @@ from typing import Any, Literal
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lit_eff.callbacks._checks import check_choice, is_int, is_number
-from lit_eff.callbacks._tokens import (TokenCallback, check_blocks, check_blocks_in_range, check_fraction,
-                                       value_at)
+from lit_eff import validation
+from lit_eff.callbacks._tokens import TokenCallback, check_blocks, check_blocks_in_range, check_fraction, value_at
 from lit_eff.schedules import Schedule
 from lit_eff.tokens.skip import TokenSkipper
 
@@ -19,37 +18,15 @@ _ROUTING = ("auto", "topk", "threshold")
 
 class TokenSkip(TokenCallback):
     """Chosen blocks process only a subset of the tokens; the others pass through unchanged, in
-    place (:mod:`lit_eff.tokens.skip`; ALGORITHMS.md §7.2, §7.3).
-
-    Kept tokens are gathered in their original order (prefix tokens always kept), run through the
-    block and scattered back; positions live in the hidden states, so they are preserved, and in
-    a causal model the kept tokens attend only to kept earlier tokens.
+    place (:mod:`lit_eff.tokens.skip`; docs/techniques/token_skip.md).
 
     - ``method="ltd"`` (random-LTD): each skipping block keeps a random ``keep`` fraction per
-      sample in training (evaluation runs every token). ``keep`` may be a
-      :class:`~lit_eff.schedules.Schedule` growing from a minimum to 1.0 (DeepSpeed's
-      ``fixed_linear``); draws come from a generator keyed by (run seed, step, batch, block),
-      identical on every DDP rank, and a resumed run repeats them. Default blocks: 1..L−2.
-    - ``method="mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block (registered on
-      the block at ``setup``, so the optimizer trains it and checkpoints hold it) picks the top
-      ``capacity`` fraction of each sequence; the block update of a routed token is scaled by
-      ``sigmoid(logit)``. Top-k looks at the whole sequence, so it is not causal: a causal model
-      is routed at evaluation (and in ``generate()``) by ``sigmoid(logit) > 0.5``, each token on
-      its own, trained by a binary cross-entropy auxiliary loss (weight ``aux_loss_weight``;
-      target: in the training top-k). Default blocks: every other block from 1.
-
-    The MoD routers and routing are part of the trained model, so they stay attached after
-    ``teardown`` (call :meth:`detach` to remove the routing); random-LTD is removed at
-    ``teardown``. Under 16-bit AMP with a gradient scaler the auxiliary gradient would not be
-    scaled, so ``"mod"`` refuses ``precision="16-mixed"`` (``bf16-mixed`` works).
-
-    Logs ``tokens/kept_fraction/block{b}`` (tokens a block processed over its input),
-    ``tokens/keep``, ``tokens/layer_tokens``, ``tokens/layer_token_fraction``, and for ``"mod"``
-    ``tokens/router_aux_loss`` and ``tokens/router_capacity_use`` (share of tokens with
-    ``sigmoid(logit) > 0.5``, over ``capacity``: 1.0 when the causal rule matches capacity).
-
-    Runs on: ``setup`` (blocks, routers, instance ``forward`` wrappers), ``on_train_batch_start``
-    (scheduled ``keep``, seed keys), ``on_train_batch_end`` (logging), ``teardown``.
+      sample in training (evaluation runs every token); the same draw on every DDP rank.
+      Default blocks: 1..L−2.
+    - ``method="mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block (part of the
+      model: trained, checkpointed, kept after ``teardown``) routes the top ``capacity`` fraction
+      of each sequence; a causal model routes by ``sigmoid(logit) > 0.5`` at evaluation, trained
+      by an auxiliary loss. Default blocks: every other block from 1. Refuses ``16-mixed``.
 
     Args:
         method: ``"ltd"`` or ``"mod"``.
@@ -86,15 +63,13 @@ class TokenSkip(TokenCallback):
         multiple_of: int = 1,
     ) -> None:
         super().__init__()
-        check_choice("method", method, _METHODS)
+        validation.check_choice("method", method, _METHODS)
         check_blocks("blocks", blocks)
         check_fraction("keep", keep)
         check_fraction("capacity", capacity)
-        if not is_number(aux_loss_weight) or aux_loss_weight < 0:
-            raise ValueError(f"Expected `aux_loss_weight` >= 0, got aux_loss_weight={aux_loss_weight!r}")
-        check_choice("eval_routing", eval_routing, _ROUTING)
-        if not is_int(multiple_of) or multiple_of < 1:
-            raise ValueError(f"Expected `multiple_of` to be an integer >= 1, got multiple_of={multiple_of!r}")
+        validation.check_number("aux_loss_weight", aux_loss_weight, low=0.0)
+        validation.check_choice("eval_routing", eval_routing, _ROUTING)
+        validation.check_int("multiple_of", multiple_of, minimum=1)
         self.method = method
         self.blocks = None if blocks is None else list(blocks)
         self.keep = keep
@@ -118,29 +93,43 @@ class TokenSkip(TokenCallback):
         if self.method == "mod" and str(trainer.precision) == "16-mixed":
             raise ValueError("TokenSkip(method='mod') cannot run under precision='16-mixed': the gradient scaler "
                              "would not scale the router loss; use 'bf16-mixed' or 32-bit")
+        self.check_schedules(trainer, stage, [("keep", self.keep)])
         self.claim(trainer, blocks)
-        self.machinery = TokenSkipper(adapter, blocks, self.method, value_at(self.keep, trainer.global_step, "keep"),
+        self.machinery = TokenSkipper(adapter, blocks, self.method, value_at(self.keep, trainer.global_step),
                                       self.capacity, self.eval_routing, self.multiple_of)
         self.machinery.aux_scale = self.aux_loss_weight / max(1, trainer.accumulate_grad_batches)
-        self._apply_restored()
 
     @override
-    def update(self, trainer: Trainer, step: int) -> None:
-        self.machinery.keep = value_at(self.keep, step, "keep")
-        self.machinery.aux_scale = self.aux_loss_weight / max(1, trainer.accumulate_grad_batches)
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: Any, training: bool) -> None:
+        m: TokenSkipper = self.machinery
+        m.keep = value_at(self.keep, trainer.global_step)
+        m.aux_scale = self.aux_loss_weight / max(1, trainer.accumulate_grad_batches)
+        if training and self.method == "ltd":
+            tokens = self.lengths(trainer, m.adapter.tokens_in(inputs))
+            self.last_choice = m.draw(keys, inputs.shape[0], tokens, pl_module.device)
+
+    @override
+    def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
+        lengths = self.lengths(trainer, tokens)
+        processed = self.machinery.processed(lengths, value_at(self.keep, step))
+        return [processed[self.machinery.blocks.index(i)] if i in self.machinery.blocks else n
+                for i, n in enumerate(lengths)]
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        m = self.machinery
-        if m is None:
+        m: TokenSkipper = self.machinery
+        if m is None or self._last_tokens is None:
             return
-        values = {f"tokens/kept_fraction/block{block}": fraction for block, fraction in zip(m.blocks, m.processed)}
+        lengths = self.lengths(trainer, self._last_tokens)
+        values: dict[str, Any] = {f"tokens/kept_fraction/block{block}": n / lengths[block]
+                                  for block, n in zip(m.blocks, m.processed(lengths))}
         if self.method == "ltd":
             values["tokens/keep"] = m.keep
         else:
-            values["tokens/router_aux_loss"] = m.aux_loss
-            values["tokens/router_capacity_use"] = m.router_fraction / m.capacity
+            values["tokens/router_aux_loss"] = sum(s.aux_loss for s in m.settings) / len(m.settings)
+            values["tokens/router_capacity_use"] = sum(s.router_fraction for s in m.settings) / len(m.settings) \
+                / self.capacity
         self.log_step_values(trainer, pl_module, values)
 
     @override

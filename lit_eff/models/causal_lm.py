@@ -14,6 +14,7 @@ from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
+from lit_eff.tokens.skip import restore_routers
 
 
 class CausalLM(LightningModule):
@@ -57,6 +58,7 @@ class CausalLM(LightningModule):
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
+        self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
         self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
         self.model.set_grad_checkpointing(activation_checkpointing)

@@ -15,6 +15,7 @@ from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
+from lit_eff.tokens.skip import restore_routers
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -74,6 +75,7 @@ class ImageClassifier(LightningModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
+        self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
         self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
         self.model = create_timm_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        in_chans=in_chans, **(model_kwargs or {}))

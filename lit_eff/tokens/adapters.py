@@ -1,33 +1,19 @@
 """How token techniques reach a model's token sequence: one small adapter per model family.
 
-A :class:`TokenAdapter` tells a technique where the transformer blocks are (each block maps a
-``[batch, tokens, dim]`` tensor to one of the same shape), how many leading *prefix* tokens
-(class, register, distillation tokens) must never be dropped or merged, whether the model is
-causal, and where the token count first shows up. Positions must already be in the hidden
-states when they reach the blocks (learned or fixed absolute position embeddings added at the
-input), so gathering a subset of tokens keeps every token's position.
-
-Built in:
-
-- timm vision transformers: any module with ``blocks`` (``nn.Sequential`` or
-  ``nn.ModuleList``) and ``num_prefix_tokens`` (``VisionTransformer``, DeiT, ViTs with
-  register tokens...), unless it applies rotary embeddings inside its blocks;
-- the kit's :class:`~lit_eff.models.GPT` (causal, no prefix tokens).
-
-Adding a family takes one function that returns an adapter for the modules it recognises
-(``None`` otherwise), registered with :func:`register_adapter`::
-
-    from lit_eff.tokens import TokenAdapter, register_adapter
+A :class:`TokenAdapter` says where the blocks are (each maps ``[batch, tokens, dim]`` to the same
+shape), how many leading *prefix* tokens (class, distillation, registers) never drop or merge,
+whether the model is causal, and how many tokens an input makes. Positions must be in the
+hidden states already (absolute embeddings added at the input). Blocks inside
+``checkpoint_wrapper`` are seen through. Built in: timm ViTs (``blocks`` and
+``num_prefix_tokens``, no rotary or relative position biases) and the kit's GPT. Another family
+takes one function, registered with :func:`register_adapter`::
 
     @register_adapter
     def my_family(module):
         if not isinstance(module, MyTransformer):
             return None
         return TokenAdapter(model=module, blocks=list(module.layers), num_prefix_tokens=1,
-                            causal=False, family="my_family")
-
-:func:`find_adapter` walks a module (a LightningModule, a wrapper, the model itself) and
-returns the first match, or raises an error that says what is missing.
+                            family="my_family", sequence_length=lambda inputs: 1 + inputs.shape[1])
 """
 
 from __future__ import annotations
@@ -35,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = ["TokenAdapter", "find_adapter", "register_adapter"]
@@ -56,6 +43,8 @@ class TokenAdapter:
         global_pool: the pooling of the head (``"avg"``, ``"token"``, ...) when known.
         dim: width of the token features (``None`` if unknown).
         norm: the module applied to the tokens after the last block (``None`` if unknown).
+        sequence_length: tokens entering the first block (prefix included) for a model input
+            (the first tensor of a batch); ``None``: ``num_prefix_tokens + num_patches``.
     """
 
     model: nn.Module
@@ -68,10 +57,34 @@ class TokenAdapter:
     global_pool: str | None = None
     dim: int | None = None
     norm: nn.Module | None = None
+    sequence_length: Callable[[torch.Tensor], int] | None = None
+
+    def __post_init__(self) -> None:
+        self.blocks = [unwrap(block) for block in self.blocks]
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    @property
+    def knows_length(self) -> bool:
+        return self.sequence_length is not None or self.num_patches is not None
+
+    def tokens_in(self, inputs: torch.Tensor) -> int:
+        """Tokens entering the first block for the model input ``inputs``."""
+        if self.sequence_length is not None:
+            return int(self.sequence_length(inputs))
+        if self.num_patches is None:
+            raise ValueError(f"The {self.family} adapter cannot tell how many tokens an input makes: give the "
+                             "TokenAdapter `num_patches` or `sequence_length`")
+        return self.num_prefix_tokens + self.num_patches
+
+
+def unwrap(block: nn.Module) -> nn.Module:
+    """The block inside activation-checkpointing wrappers (``checkpoint_wrapper``)."""
+    while isinstance(inner := block.__dict__.get("_modules", {}).get("_checkpoint_wrapped_module"), nn.Module):
+        block = inner
+    return block
 
 
 _ADAPTERS: list[Callable[[nn.Module], TokenAdapter | None]] = []
@@ -89,7 +102,20 @@ def _gpt_adapter(module: nn.Module) -> TokenAdapter | None:
     if not isinstance(module, GPT):
         return None
     return TokenAdapter(model=module, blocks=list(module.blocks), num_prefix_tokens=0, causal=True, family="gpt",
-                        num_patches=module.block_size, dim=module.wte.embedding_dim, norm=module.norm)
+                        num_patches=module.block_size, dim=module.wte.embedding_dim, norm=module.norm,
+                        sequence_length=_last_dim)
+
+
+def _last_dim(idx: torch.Tensor) -> int:
+    return idx.shape[-1]
+
+
+def _vit_length(module: nn.Module) -> Callable[[torch.Tensor], int]:
+    def length(images: torch.Tensor) -> int:
+        grid = module.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        return module.num_prefix_tokens + grid[0] * grid[1]
+
+    return length
 
 
 def _timm_vit_adapter(module: nn.Module) -> TokenAdapter | None:
@@ -115,7 +141,9 @@ def _timm_vit_adapter(module: nn.Module) -> TokenAdapter | None:
                         class_token=0 if has_cls else None, num_patches=num_patches,
                         global_pool=getattr(module, "global_pool", None),
                         dim=getattr(module, "embed_dim", getattr(module, "num_features", None)),
-                        norm=norm if isinstance(norm := getattr(module, "norm", None), nn.Module) else None)
+                        norm=norm if isinstance(norm := getattr(module, "norm", None), nn.Module) else None,
+                        sequence_length=_vit_length(module) if num_patches is None
+                        and hasattr(patch_embed, "dynamic_feat_size") else None)
 
 
 _BUILTIN = [_gpt_adapter, _timm_vit_adapter]

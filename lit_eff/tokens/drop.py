@@ -1,10 +1,11 @@
-"""PyramidDrop-style token dropping: at chosen blocks, keep the top fraction of the patch
-tokens and physically remove the rest for every later block (ALGORITHMS.md §7.1).
+"""PyramidDrop-style token dropping: at chosen blocks, keep the top ``⌊N₀·ratio⌋`` patch tokens
+(N₀: patch tokens entering the first block), in their original order, plus every prefix token,
+and physically remove the rest for that block and every later one.
 
-:func:`attach_drop` puts a forward pre-hook on every block (instance-level, removable); a stage
-block's hook scores the tokens entering it, keeps ``⌊N₀·ratio⌋`` patch tokens (N₀: patch tokens
-at the first block) in their original order plus all prefix tokens, and hands the block the
-gathered tensor, so later blocks, the final norm and the pooling all run on fewer tokens.
+:func:`attach_drop` swaps the class of each stage block for one that drops before running the
+block (:mod:`lit_eff.tokens.attach`); kept counts are plain integers set outside ``forward``, and
+a random choice is drawn outside ``forward`` too (:meth:`TokenDropper.draw`), so a compiled
+model recompiles only when a count changes.
 """
 
 from __future__ import annotations
@@ -17,23 +18,61 @@ from torch import nn
 
 from lit_eff.seeding import generator
 from lit_eff.tokens.adapters import TokenAdapter
-from lit_eff.tokens.select import check_attn_block, gather_tokens, score_tokens, topk_sorted
+from lit_eff.tokens.attach import BlockMixin, attach, detach
+from lit_eff.tokens.select import check_attn_block, gather_tokens, score_tokens, topk_sorted, with_prefix
 
 __all__ = ["TokenDropper", "attach_drop"]
 
 MODES = ("train", "eval", "both")
 QUERIES = ("auto", "cls", "mean")
+_NAME = "_token_drop"
+
+
+def active(mode: str, training: bool) -> bool:
+    return mode == "both" or mode == ("train" if training else "eval")
+
+
+class DropSettings:
+    """What a stage block reads in ``forward`` (copied with the block)."""
+
+    def __init__(self, prefix: int, score: str, query_token: int | None, mode: str) -> None:
+        self.prefix, self.score, self.query_token, self.mode = prefix, score, query_token, mode
+        self.keep: int | None = None  # patch tokens kept from this block on
+        self.chosen: torch.Tensor | None = None  # a random choice of patch indices [B, keep], sorted
+        self.drawn_from = 0  # patch tokens the random choice was drawn from
+
+
+class TokenDropping(BlockMixin):
+    """Drops tokens before the block runs (the settings live in ``self._token_drop``)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        s: DropSettings = self._token_drop
+        if active(s.mode, self.training):
+            x = drop(self, x, s)
+        return super().forward(x, *args, **kwargs)
+
+
+def drop(block: nn.Module, x: torch.Tensor, s: DropSettings) -> torch.Tensor:
+    patches = x.shape[1] - s.prefix
+    if s.keep is None:
+        raise RuntimeError("TokenDrop does not know how many tokens to keep: call `set_ratios(ratios, patches)`")
+    if s.keep >= patches:
+        return x
+    if s.score != "random":
+        chosen = topk_sorted(score_tokens(s.score, x, block, s.query_token)[:, s.prefix:], s.keep)
+    elif s.chosen is not None and s.chosen.shape == (x.shape[0], s.keep) and s.drawn_from == patches:
+        chosen = s.chosen
+    else:  # nothing drawn for this shape (outside a Trainer): the global generator
+        chosen = topk_sorted(torch.rand(x.shape[0], patches, device=x.device), s.keep)
+    return gather_tokens(x, with_prefix(chosen, s.prefix))
 
 
 class TokenDropper:
-    """The attached dropping machinery of one model; the callback sets ``ratios`` and ``keys``.
+    """Token dropping attached to one model; ``set_ratios`` and ``draw`` update it, ``remove``
+    detaches it.
 
     Attributes:
-        ratios: current keep ratio of each stage (fractions of the original patch count).
-        keys: seed keys of the random score (``(run_seed, step, batch)``, set per batch).
-        kept_fraction: patch tokens kept after each stage in the last forward, over N₀.
-        layer_tokens: tokens that entered a block during training forwards (running total).
-        last_choice: a fingerprint of the last random choice (equal on every DDP rank).
+        stages: the block indices where a stage starts.
         query_token: index of the token whose view scores the others (``"attn"``, ``"cosine"``),
             ``None`` for the mean token: ``query="auto"`` uses the mean token when the model pools
             by averaging (its class token does not feed the head) or has no class token.
@@ -41,75 +80,69 @@ class TokenDropper:
 
     def __init__(self, adapter: TokenAdapter, blocks: Sequence[int], ratios: Sequence[float], score: str = "attn",
                  mode: str = "both", name: str = "token_drop", query: str = "auto") -> None:
-        self.adapter = adapter
-        self.stages = list(blocks)
-        self.ratios = [float(r) for r in ratios]
-        self.score = score
-        self.mode = mode
-        self.name = name
         if query not in QUERIES:
             raise ValueError(f"Expected `query` in {list(QUERIES)}, got query={query!r}")
+        if score == "attn":
+            for index in blocks:
+                check_attn_block(adapter.blocks[index])
+        self.adapter, self.stages, self.score, self.mode, self.name = adapter, list(blocks), score, mode, name
         mean = query == "mean" or (query == "auto" and adapter.global_pool == "avg")
         self.query_token = None if mean or adapter.class_token is None else adapter.class_token
-        self.keys: tuple = (0,)
-        self.kept_fraction = [1.0] * len(self.stages)
-        self.layer_tokens = 0
-        self.dense_layer_tokens = 0
-        self.last_choice = 0
-        self._n0 = 0
-        if score == "attn":
-            for index in self.stages:
-                check_attn_block(adapter.blocks[index])
-        self._handles = [block.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                         for i, block in enumerate(adapter.blocks)]
+        self.settings = [DropSettings(adapter.num_prefix_tokens, score, self.query_token, mode) for _ in blocks]
+        for index, settings in zip(self.stages, self.settings):
+            attach(adapter.blocks[index], TokenDropping, _NAME, settings)
+        self.ratios = [float(r) for r in ratios]
+        self.patches = adapter.num_patches if adapter.sequence_length is None else None
+        if self.patches is not None:
+            self.set_ratios(self.ratios, self.patches)
 
     def active(self, training: bool) -> bool:
-        return self.mode == "both" or self.mode == ("train" if training else "eval")
+        return active(self.mode, training)
 
-    def _hook(self, index: int):
-        stage = self.stages.index(index) if index in self.stages else None
+    def kept(self, ratios: Sequence[float], patches: int) -> list[int]:
+        """Patch tokens left after each stage for ``patches`` at the first block."""
+        out, left = [], patches
+        for ratio in ratios:
+            left = min(left, max(1, math.floor(patches * ratio + 1e-9)))
+            out.append(left)
+        return out
 
-        def hook(block: nn.Module, args: tuple, kwargs: dict):
-            x = args[0] if args else kwargs["x"]
-            prefix = self.adapter.num_prefix_tokens
-            if index == 0:
-                self._n0 = x.shape[1] - prefix
-                if block.training:
-                    self.dense_layer_tokens += x.shape[0] * x.shape[1] * self.adapter.depth
-            if stage is not None and self.active(block.training):
-                x = self._drop(block, x, stage, index)
-            if block.training:
-                self.layer_tokens += x.shape[0] * x.shape[1]
-            if args:
-                return (x, *args[1:]), kwargs
-            return args, {**kwargs, "x": x}
+    def set_ratios(self, ratios: Sequence[float], patches: int) -> None:
+        """Keep ``ratios`` of ``patches`` (the patch tokens entering the first block)."""
+        self.ratios, self.patches = [float(r) for r in ratios], patches
+        for settings, ratio in zip(self.settings, self.ratios):
+            settings.keep = max(1, math.floor(patches * ratio + 1e-9))
 
-        return hook
-
-    def _drop(self, block: nn.Module, x: torch.Tensor, stage: int, index: int) -> torch.Tensor:
+    def lengths(self, tokens: int, ratios: Sequence[float] | None = None, training: bool = True) -> list[int]:
+        """Tokens entering each block when ``tokens`` (prefix included) enter the first one."""
         prefix = self.adapter.num_prefix_tokens
-        n0 = self._n0 or x.shape[1] - prefix
-        keep = max(1, math.floor(n0 * self.ratios[stage] + 1e-9))
-        patches = x.shape[1] - prefix
-        if keep >= patches:
-            self.kept_fraction[stage] = patches / max(n0, 1)
-            return x
-        gen = generator(*self.keys, self.name, index) if self.score == "random" else None
-        scores = score_tokens(self.score, x, block, self.query_token, gen)[:, prefix:]
-        index_kept = topk_sorted(scores, keep) + prefix
-        if self.score == "random":
-            weights = torch.arange(1, keep + 1, device=x.device, dtype=torch.float64)
-            self.last_choice = int((index_kept.double() * weights).sum().item())
-        if prefix:
-            head = torch.arange(prefix, device=x.device).expand(x.shape[0], prefix)
-            index_kept = torch.cat([head, index_kept], dim=1)
-        self.kept_fraction[stage] = keep / n0
-        return gather_tokens(x, index_kept)
+        out, current = [], tokens
+        kept = dict(zip(self.stages, self.kept(self.ratios if ratios is None else ratios, tokens - prefix)))
+        for index in range(self.adapter.depth):
+            if index in kept and self.active(training):
+                current = min(current, prefix + kept[index])
+            out.append(current)
+        return out
+
+    def draw(self, keys: tuple, batch: int, device: torch.device | str = "cpu") -> int:
+        """Draw the random choice of every stage (``score="random"``) from generators keyed by
+        ``(*keys, name, block)``; returns a fingerprint of the choice (equal on every DDP rank)."""
+        fingerprint, patches = 0, self.patches
+        for index, settings in zip(self.stages, self.settings):
+            settings.chosen = None
+            if patches is None or settings.keep >= patches:
+                continue
+            gen = generator(*keys, self.name, index)
+            chosen = topk_sorted(torch.rand(batch, patches, generator=gen), settings.keep)
+            weights = torch.arange(1, settings.keep + 1, dtype=torch.float64)
+            fingerprint += int((chosen.double() * weights).sum())
+            settings.chosen, settings.drawn_from = chosen.to(device, non_blocking=True), patches
+            patches = settings.keep
+        return fingerprint
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for index in self.stages:
+            detach(self.adapter.blocks[index], TokenDropping, _NAME)
 
 
 def attach_drop(model: nn.Module | TokenAdapter, blocks: Sequence[int], ratios: Sequence[float], score: str = "attn",

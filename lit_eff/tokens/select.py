@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SCORES", "cls_attention", "gather_tokens", "scatter_tokens", "score_tokens", "topk_sorted"]
+__all__ = ["SCORES", "cls_attention", "gather_tokens", "scatter_tokens", "score_tokens", "topk_sorted",
+           "with_prefix"]
 
 SCORES = ("attn", "cosine", "norm", "random")
 
@@ -28,6 +29,14 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest ``scores`` per row, in increasing (original) order."""
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def with_prefix(chosen: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Token indices of the ``prefix`` leading tokens followed by the patch indices ``chosen``."""
+    if not prefix:
+        return chosen
+    head = torch.arange(prefix, device=chosen.device).expand(chosen.shape[0], prefix)
+    return torch.cat([head, chosen + prefix], dim=1)
 
 
 def _query(h: torch.Tensor, class_token: int | None) -> torch.Tensor:

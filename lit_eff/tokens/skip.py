@@ -1,22 +1,14 @@
-"""Token skipping: chosen blocks process a subset of the tokens; the others pass through
-unchanged, in place (ALGORITHMS.md §7.2 random-LTD, §7.3 Mixture-of-Depths).
+"""Token skipping: chosen blocks process a subset of the tokens (gathered in their original
+order, prefix tokens always kept) and scatter the results back; the other tokens pass through
+unchanged, keeping their positions. In a causal model, kept tokens attend to kept earlier ones.
 
-A skipping block gathers its kept tokens in their original order (prefix tokens always kept),
-runs on them, and scatters the results back; skipped tokens keep their values and positions
-(positions live in the hidden states). In a causal model the block's causal attention over the
-gathered sequence is exactly "kept tokens attend to kept earlier tokens".
+- ``"ltd"`` (random-LTD): a random subset per block and sample in training, drawn outside
+  ``forward`` by :meth:`TokenSkipper.draw` (rank-consistent, keyed by the step).
+- ``"mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block picks the top
+  ``capacity`` fraction; updates are scaled by ``sigmoid(logit)``. Causal models route by
+  ``sigmoid(logit) > 0.5`` at evaluation, trained by a binary cross-entropy auxiliary loss.
 
-- ``"ltd"`` (random-LTD): a random subset per block and sample, in training only; the kept
-  count follows the callback's schedule. Draws come from :func:`lit_eff.seeding.generator`
-  keyed by the step, so every DDP rank makes the same choice.
-- ``"mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block scores the tokens; the
-  top ``capacity`` fraction per sequence is processed and its block update is scaled by
-  ``sigmoid(router logit)``, which gives the router its gradient. Top-k over the sequence looks
-  at future tokens, so causal models route by ``sigmoid(logit) > 0.5`` at evaluation, a
-  per-token decision trained by a binary cross-entropy auxiliary loss (target: was the token in
-  the training top-k); evaluation then uses no future tokens (and ``generate()`` stays causal).
-
-:func:`attach_skip` replaces ``forward`` on the block *instances*; ``.remove()`` restores them.
+:func:`attach_skip` swaps the class of each skipping block (:mod:`lit_eff.tokens.attach`).
 """
 
 from __future__ import annotations
@@ -30,11 +22,13 @@ from torch import nn
 
 from lit_eff.seeding import generator
 from lit_eff.tokens.adapters import TokenAdapter
-from lit_eff.tokens.select import gather_tokens, scatter_tokens, topk_sorted
+from lit_eff.tokens.attach import BlockMixin, attach, detach
+from lit_eff.tokens.select import gather_tokens, scatter_tokens, topk_sorted, with_prefix
 
-__all__ = ["ROUTER_NAME", "TokenSkipper", "attach_skip", "add_routers"]
+__all__ = ["ROUTER_NAME", "TokenSkipper", "add_routers", "attach_skip", "restore_routers"]
 
 ROUTER_NAME = "token_router"
+_NAME = "_token_skip"
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -65,148 +59,196 @@ def add_routers(adapter: TokenAdapter, blocks: Sequence[int]) -> None:
             block.add_module(ROUTER_NAME, router)
 
 
+def restore_routers(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: give every block whose router the state dict holds a router
+    module first, so the weights load (e.g. into the main process after a ``ddp_spawn`` fit).
+
+    Register it on a model that may receive Mixture-of-Depths weights::
+
+        model.register_load_state_dict_pre_hook(restore_routers)
+    """
+    from lit_eff.models.naming import clean_name
+
+    marker = f".{ROUTER_NAME}.weight"
+    wanted = [key for key in state_dict if key.startswith(prefix) and key.endswith(marker)]
+    if not wanted:
+        return
+    modules: dict[str, tuple[str, nn.Module]] = {}
+    for name, sub in module.named_modules():
+        modules.setdefault(clean_name(name), (name, sub))
+    for key in wanted:
+        owner = clean_name(key[len(prefix) : -len(marker)])
+        if owner not in modules:
+            continue
+        name, block = modules[owner]
+        if not isinstance(getattr(block, ROUTER_NAME, None), nn.Linear):
+            weight, ref = state_dict[key], next(block.parameters(), None)
+            block.add_module(ROUTER_NAME, nn.Linear(weight.shape[1], weight.shape[0],
+                                                    bias=key[: -len("weight")] + "bias" in state_dict,
+                                                    device=None if ref is None else ref.device,
+                                                    dtype=weight.dtype if ref is None else ref.dtype))
+        if name != owner:  # a compiled submodule: load under the module's own names
+            for part in ("weight", "bias"):
+                old = key[: -len("weight")] + part
+                if old in state_dict:
+                    state_dict[f"{prefix}{name}.{ROUTER_NAME}.{part}"] = state_dict.pop(old)
+
+
+def kept_count(tokens: int, fraction: float, multiple_of: int = 1) -> int:
+    k = math.floor(tokens * fraction + 1e-9)
+    if multiple_of > 1:
+        k = k // multiple_of * multiple_of
+    return min(tokens, max(1, k))
+
+
+class SkipSettings:
+    """What a skipping block reads in ``forward`` (copied with the block)."""
+
+    def __init__(self, method: str, prefix: int, keep: float, capacity: float, eval_routing: str,
+                 multiple_of: int) -> None:
+        self.method, self.prefix, self.keep, self.capacity = method, prefix, keep, capacity
+        self.eval_routing, self.multiple_of = eval_routing, multiple_of
+        self.aux_scale = 0.01  # weight of the router loss gradient ("mod")
+        self.chosen: torch.Tensor | None = None  # random-LTD: kept token indices [B, k], sorted
+        self.drawn_from = 0  # tokens the choice was drawn from
+        self.aux_loss: torch.Tensor | float = 0.0  # last router loss ("mod")
+        self.router_fraction: torch.Tensor | float = 0.0  # share of tokens with sigmoid(logit) > 0.5
+
+
+class TokenSkipping(BlockMixin):
+    """Runs the block on a subset of the tokens (settings in ``self._token_skip``)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        s: SkipSettings = self._token_skip
+        inner = super().forward
+        if s.method == "ltd":
+            kept = ltd_choice(s, x) if self.training else None
+            if kept is None:
+                return inner(x, *args, **kwargs)
+            return scatter_tokens(x, kept, inner(gather_tokens(x, kept), *args, **kwargs))
+        return route(self, s, x, lambda h: inner(h, *args, **kwargs))
+
+
+def ltd_choice(s: SkipSettings, x: torch.Tensor) -> torch.Tensor | None:
+    """The token indices a random-LTD block keeps (``None``: all)."""
+    tokens = x.shape[1] - s.prefix
+    if s.chosen is not None and s.chosen.shape[0] == x.shape[0] and s.drawn_from == tokens:
+        return with_prefix(s.chosen, s.prefix)
+    k = kept_count(tokens, s.keep, s.multiple_of)
+    if k >= tokens:
+        return None
+    # nothing drawn for this shape (outside a Trainer): the global generator
+    return with_prefix(topk_sorted(torch.rand(x.shape[0], tokens, device=x.device), k), s.prefix)
+
+
+def route(block: nn.Module, s: SkipSettings, x: torch.Tensor, run) -> torch.Tensor:
+    """Mixture-of-Depths routing of ``x`` through ``run`` (the block's own forward)."""
+    prefix = s.prefix
+    logits = getattr(block, ROUTER_NAME)(x[:, prefix:]).squeeze(-1).float()  # B, T
+    tokens = logits.shape[1]
+    s.router_fraction = (logits.detach() > 0).float().mean()  # a tensor: no device sync
+    if block.training or s.eval_routing == "topk":
+        chosen = topk_sorted(logits.detach(), kept_count(tokens, s.capacity, s.multiple_of))
+        valid = None
+    else:  # causal: each token decides alone; selected first (in order), the rest pad the end
+        selected = logits.detach() > 0
+        k = int(selected.sum(dim=1).max())
+        if k == 0:
+            return x
+        position = torch.arange(tokens, device=x.device)
+        chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
+        valid = selected.gather(1, chosen)
+    kept = with_prefix(chosen, prefix)
+    inputs = gather_tokens(x, kept)
+    update = run(inputs) - inputs
+    weight = torch.sigmoid(logits.gather(1, chosen))
+    if valid is not None:
+        weight = weight * valid
+    if prefix:
+        weight = torch.cat([weight.new_ones(weight.shape[0], prefix), weight], dim=1)
+    out = inputs + weight.unsqueeze(-1).to(update.dtype) * update
+    if block.training and torch.is_grad_enabled() and s.aux_scale > 0:
+        target = torch.zeros_like(logits).scatter_(1, chosen, 1.0)
+        aux = F.binary_cross_entropy_with_logits(logits, target)
+        s.aux_loss = aux.detach()
+        out = _AddAuxLoss.apply(out, aux, s.aux_scale)
+    return scatter_tokens(x, kept, out)
+
+
 class TokenSkipper:
-    """The attached skipping machinery of one model; the callback sets ``keep`` and ``keys``.
+    """Token skipping attached to one model; set ``keep``/``aux_scale``, ``draw`` each training
+    batch (random-LTD), ``remove`` to detach.
 
     Attributes:
-        keep: fraction of the (non-prefix) tokens each skipping block processes (``"ltd"``).
-        capacity: fraction routed through each block (``"mod"``).
+        blocks: the skipping block indices; ``settings``: their :class:`SkipSettings`.
         eval_routing: ``"topk"`` or ``"threshold"`` routing at evaluation (``"mod"``).
-        keys: seed keys of the random choice (``(run_seed, step, batch)``).
-        aux_scale: weight of the router loss gradient (``"mod"``), set per step.
-        processed: tokens processed by each skipping block in the last forward, over its input.
-        layer_tokens: tokens that entered a block's computation during training (running total).
-        aux_loss: the last router loss (``"mod"``), ``router_fraction``: share of tokens with
-            ``sigmoid(logit) > 0.5`` in the last forward (what threshold routing would process).
-        last_choice: a fingerprint of the last random choice (equal on every DDP rank).
     """
 
     def __init__(self, adapter: TokenAdapter, blocks: Sequence[int], method: str = "ltd", keep: float = 0.5,
                  capacity: float = 0.125, eval_routing: str = "auto", multiple_of: int = 1,
                  name: str = "token_skip") -> None:
-        self.adapter = adapter
-        self.blocks = list(blocks)
-        self.method = method
-        self.keep = float(keep)
-        self.capacity = float(capacity)
+        self.adapter, self.blocks, self.method, self.name = adapter, list(blocks), method, name
         self.eval_routing = ("threshold" if adapter.causal else "topk") if eval_routing == "auto" else eval_routing
-        self.multiple_of = int(multiple_of)
-        self.name = name
-        self.keys: tuple = (0,)
-        self.aux_scale = 0.01
-        self.processed = [1.0] * len(self.blocks)
-        self.layer_tokens = 0
-        self.aux_loss = 0.0
-        self.router_fraction = 0.0
-        self.last_choice = 0
         if method == "mod":
             add_routers(adapter, self.blocks)
-        self._skipping = {id(adapter.blocks[i]) for i in self.blocks}
-        self.dense_layer_tokens = 0
-        self._handles = [block.register_forward_pre_hook(self._count(i)) for i, block in enumerate(adapter.blocks)]
-        for position, index in enumerate(self.blocks):
-            block = adapter.blocks[index]
-            if "forward" in block.__dict__:
-                raise ValueError(f"block {index} ({type(block).__name__}) already has its forward replaced by "
-                                 "another technique")
-            block.forward = self._forward(block, index, position, block.forward)
+        self.settings = [SkipSettings(method, adapter.num_prefix_tokens, float(keep), float(capacity),
+                                      self.eval_routing, int(multiple_of)) for _ in self.blocks]
+        for index, settings in zip(self.blocks, self.settings):
+            attach(adapter.blocks[index], TokenSkipping, _NAME, settings)
 
-    def _count(self, index: int):
-        def hook(block: nn.Module, args: tuple) -> None:
-            if block.training and args:
-                tokens = args[0].shape[0] * args[0].shape[1]
-                if index == 0:
-                    self.dense_layer_tokens += tokens * self.adapter.depth
-                if id(block) not in self._skipping:
-                    self.layer_tokens += tokens
+    @property
+    def keep(self) -> float:
+        return self.settings[0].keep
 
-        return hook
+    @keep.setter
+    def keep(self, value: float) -> None:
+        for settings in self.settings:
+            settings.keep = float(value)
 
-    def kept_count(self, tokens: int, fraction: float) -> int:
-        k = math.floor(tokens * fraction + 1e-9)
-        if self.multiple_of > 1:
-            k = k // self.multiple_of * self.multiple_of
-        return min(tokens, max(1, k))
+    @property
+    def aux_scale(self) -> float:
+        return self.settings[0].aux_scale
 
-    def _with_prefix(self, index: torch.Tensor, prefix: int) -> torch.Tensor:
-        if not prefix:
-            return index
-        head = torch.arange(prefix, device=index.device).expand(index.shape[0], prefix)
-        return torch.cat([head, index + prefix], dim=1)
+    @aux_scale.setter
+    def aux_scale(self, value: float) -> None:
+        for settings in self.settings:
+            settings.aux_scale = float(value)
 
-    def _forward(self, block: nn.Module, index: int, position: int, original):
-        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            if self.method == "ltd":
-                out, processed = self._ltd(block, index, x, original, args, kwargs)
-            else:
-                out, processed = self._mod(block, x, original, args, kwargs)
-            self.processed[position] = processed / x.shape[1]
-            if block.training:
-                self.layer_tokens += x.shape[0] * processed
-            return out
+    def processed(self, tokens: Sequence[int], keep: float | None = None) -> list[int]:
+        """Tokens each skipping block processes in training, for ``tokens[i]`` entering block i
+        (at random-LTD's ``keep``, the current one by default)."""
+        out = []
+        for index, settings in zip(self.blocks, self.settings):
+            n = tokens[index] - settings.prefix
+            fraction = (settings.keep if keep is None else keep) if self.method == "ltd" else settings.capacity
+            out.append(settings.prefix + kept_count(n, fraction, settings.multiple_of))
+        return out
 
-        return forward
-
-    def _ltd(self, block, index, x, original, args, kwargs):
-        prefix = self.adapter.num_prefix_tokens
-        tokens = x.shape[1] - prefix
-        k = self.kept_count(tokens, self.keep)
-        if not block.training or k >= tokens:
-            return original(x, *args, **kwargs), x.shape[1]
-        gen = generator(*self.keys, self.name, index)
-        chosen = topk_sorted(torch.rand(x.shape[0], tokens, generator=gen), k)  # drawn on the CPU
-        self.last_choice = int((chosen.double() * torch.arange(1, k + 1, dtype=torch.float64)).sum().item())
-        kept = self._with_prefix(chosen.to(x.device), prefix)
-        return scatter_tokens(x, kept, original(gather_tokens(x, kept), *args, **kwargs)), kept.shape[1]
-
-    def _mod(self, block, x, original, args, kwargs):
-        prefix = self.adapter.num_prefix_tokens
-        router = getattr(block, ROUTER_NAME)
-        logits = router(x[:, prefix:]).squeeze(-1).float()  # B, T
-        tokens = logits.shape[1]
-        self.router_fraction = (logits.detach() > 0).float().mean()  # a tensor: no device sync per block
-        if block.training or self.eval_routing == "topk":
-            k = self.kept_count(tokens, self.capacity)
-            chosen = topk_sorted(logits.detach(), k)
-            valid = None
-        else:  # causal: each token decides alone; selected first (in order), the rest pad the end
-            selected = logits.detach() > 0
-            k = int(selected.sum(dim=1).max())
-            if k == 0:
-                return x, prefix
-            position = torch.arange(tokens, device=x.device)
-            chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
-            valid = selected.gather(1, chosen)
-        kept = self._with_prefix(chosen, prefix)
-        inputs = gather_tokens(x, kept)
-        update = original(inputs, *args, **kwargs) - inputs
-        weight = torch.sigmoid(logits.gather(1, chosen))
-        if valid is not None:
-            weight = weight * valid
-        if prefix:
-            weight = torch.cat([weight.new_ones(weight.shape[0], prefix), weight], dim=1)
-        out = inputs + weight.unsqueeze(-1).to(update.dtype) * update
-        if block.training and torch.is_grad_enabled() and self.aux_scale > 0:
-            target = torch.zeros_like(logits).scatter_(1, chosen, 1.0)
-            aux = F.binary_cross_entropy_with_logits(logits, target)
-            self.aux_loss = aux.detach()
-            out = _AddAuxLoss.apply(out, aux, self.aux_scale)
-        processed = kept.shape[1] if valid is None else prefix + float(valid.sum(dim=1).float().mean())
-        return scatter_tokens(x, kept, out), processed
+    def draw(self, keys: tuple, batch: int, tokens: Sequence[int], device: torch.device | str = "cpu") -> int:
+        """Draw the random-LTD choice of every block for ``tokens[i]`` entering block i, from
+        generators keyed by ``(*keys, name, block)``; returns a fingerprint of the choice."""
+        fingerprint = 0
+        for index, settings in zip(self.blocks, self.settings):
+            settings.chosen = None
+            n = tokens[index] - settings.prefix
+            k = kept_count(n, settings.keep, settings.multiple_of)
+            if self.method != "ltd" or k >= n:
+                continue
+            chosen = topk_sorted(torch.rand(batch, n, generator=generator(*keys, self.name, index)), k)
+            fingerprint += int((chosen.double() * torch.arange(1, k + 1, dtype=torch.float64)).sum())
+            settings.chosen, settings.drawn_from = chosen.to(device, non_blocking=True), n
+        return fingerprint
 
     def remove(self, keep_routers: bool = True) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
         for index in self.blocks:
             block = self.adapter.blocks[index]
-            block.__dict__.pop("forward", None)
+            detach(block, TokenSkipping, _NAME)
             if not keep_routers and ROUTER_NAME in block._modules:
                 del block._modules[ROUTER_NAME]
 
 
 def attach_skip(model: nn.Module | TokenAdapter, blocks: Sequence[int], method: str = "ltd", keep: float = 0.5,
-                capacity: float = 0.125, eval_routing: str = "auto") -> TokenSkipper:
+                capacity: float = 0.125, eval_routing: str = "auto", multiple_of: int = 1) -> TokenSkipper:
     """Skip tokens in ``blocks`` of ``model``; ``.remove()`` detaches it (routers stay)::
 
         skipper = attach_skip(gpt, blocks=[1, 2], method="ltd", keep=0.5)
@@ -214,4 +256,4 @@ def attach_skip(model: nn.Module | TokenAdapter, blocks: Sequence[int], method: 
     from lit_eff.tokens.adapters import find_adapter
 
     adapter = model if isinstance(model, TokenAdapter) else find_adapter(model)
-    return TokenSkipper(adapter, blocks, method, keep, capacity, eval_routing)
+    return TokenSkipper(adapter, blocks, method, keep, capacity, eval_routing, multiple_of)

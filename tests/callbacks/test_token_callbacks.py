@@ -8,6 +8,8 @@ from lightning.pytorch import Callback
 
 from lit_eff.callbacks import FlopsMonitor, TokenDrop, TokenMerge, TokenSkip
 from lit_eff.flops import flop_counter
+from lit_eff.models.gpt import Block
+from lit_eff.tokens.skip import TokenSkipping
 from lit_eff.schedules import Linear
 from tests.helpers import digits, make_trainer, seeded, text, tiny_cnn, tiny_gpt, tiny_vit
 
@@ -29,7 +31,8 @@ def _setup(callbacks, model):
     (lambda: TokenSkip(keep=0), r"Expected `keep` in \(0, 1\], got keep=0"),
     (lambda: TokenSkip(method="mod", capacity=1.2), r"Expected `capacity` in \(0, 1\]"),
     (lambda: TokenSkip(blocks=[1, 1]), "strictly increasing"),
-    (lambda: TokenMerge(r=-1), r"Expected `r` >= 0"),
+    (lambda: TokenMerge(r=-1), r"Expected `r` to be an integer >= 0, got r=-1"),
+    (lambda: TokenMerge(variant="paper"), r"Expected `variant` in \['official', 'ordered'\], got variant='paper'"),
     (lambda: TokenMerge(blocks=[-1]), "strictly increasing block indices >= 0"),
 ])
 def test_bad_arguments_fail_in_init(make, match):
@@ -110,15 +113,12 @@ def test_flops_monitor_counts_the_reduced_step_exactly(technique, model, data):
 def test_keep_follows_a_schedule_of_the_optimizer_step():
     seeded(0)
     skip = TokenSkip(method="ltd", blocks=[1], keep=Linear(0.25, 1.0, start_step=0, end_step=3))
-    seen = []
-
-    class Spy(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(skip.machinery.processed[0])
-
-    trainer = make_trainer(callbacks=[skip, Spy()], max_steps=4, limit_val_batches=0)
-    trainer.fit(tiny_gpt(), datamodule=text())
-    assert seen == [0.25, 0.5, 0.75, 1.0]
+    model, seen = tiny_gpt(), []
+    model.model.blocks[1].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    trainer = make_trainer(callbacks=[skip], max_steps=4, limit_val_batches=0)
+    trainer.fit(model, datamodule=text())
+    assert seen == [8, 16, 24, 32]  # tokens block 1 ran on, of 32
+    assert skip.state_dict()["layer_tokens"] == 8 * (4 * 32 + 8 + 16 + 24 + 32)  # batch 8: block 0 and block 1
 
 
 def test_apply_in_train_leaves_evaluation_dense():
@@ -142,8 +142,60 @@ def test_mod_stays_attached_after_fit_and_follows_a_new_model():
     skip = TokenSkip(method="mod", blocks=[1], capacity=0.25)
     first = tiny_gpt()
     make_trainer(callbacks=[skip], max_steps=1, limit_val_batches=0).fit(first, datamodule=text())
-    assert "forward" in first.model.blocks[1].__dict__  # the routing is part of the trained model
+    assert isinstance(first.model.blocks[1], TokenSkipping)  # the routing is part of the trained model
     second = tiny_gpt()
     _setup([skip], second)
-    assert skip.machinery.adapter.model is second.model and "forward" not in first.model.blocks[1].__dict__
+    assert skip.machinery.adapter.model is second.model and type(first.model.blocks[1]) is Block
     skip.detach()
+
+
+class Compiles(Callback):
+    def __init__(self):
+        self.per_batch = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_batch.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.before)
+
+
+def test_a_keep_schedule_compiles_once_per_phase_and_counts_flops_as_eager():
+    from lit_eff.schedules import Step
+
+    def run(compiled):
+        seeded(0)
+        drop = TokenDrop(blocks=[1], keep_ratios=[Step([1.0, 0.5], milestones=[3])], score="random")
+        monitor, compiles, model = FlopsMonitor(), Compiles(), tiny_vit()
+        trainer = make_trainer(callbacks=[drop, monitor, compiles], max_steps=5, limit_val_batches=0)
+        torch._dynamo.reset()
+        trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, datamodule=digits())
+        torch._dynamo.reset()
+        return monitor, compiles, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    eager, _, eager_weights = run(False)
+    compiled, compiles, weights = run(True)
+    assert compiled.total_executed == eager.total_executed
+    # FlopsMonitor counts batch 0 eagerly and batch 1 compiles; the keep ratio changes at step 3,
+    # which FlopsMonitor counts eagerly too: one compile at batch 4, none after
+    assert [i for i, built in enumerate(compiles.per_batch) if built] == [1, 4]
+    assert all(torch.allclose(weights[k], eager_weights[k], atol=1e-5) for k in weights)
+
+
+def test_checkpoint_wrapper_keeps_results_and_token_counts():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    def run(wrap):
+        seeded(0)
+        merge, model = TokenMerge(r=4, apply_in="both"), tiny_vit()
+        if wrap:
+            blocks = set(model.model.blocks)
+            apply_activation_checkpointing(model.model, check_fn=lambda m: m in blocks)
+        trainer = make_trainer(callbacks=[merge], max_steps=2, limit_val_batches=0)
+        trainer.fit(model, datamodule=digits())
+        return merge.state_dict(), {k.replace("._checkpoint_wrapped_module", ""): v for k, v in model.state_dict().items()}
+
+    (plain_state, plain_weights), (state, weights) = run(False), run(True)
+    assert state == plain_state and state["layer_tokens"] == 2 * 32 * (17 + 13)
+    assert weights.keys() == plain_weights.keys()
+    assert all(torch.allclose(weights[k], plain_weights[k], atol=1e-6) for k in weights)

@@ -23,20 +23,6 @@ from tests.helpers import MODELS, flat_state, make_trainer, max_abs_diff, seeded
 
 IDS = sorted(SETTINGS)
 
-_TOKENS = ["TokenDrop-random", "TokenMerge-train", "TokenSkip-ltd", "TokenSkip-mod"]
-# Columns a setting does not pass yet. Strict: once fixed, the entry fails until it is removed.
-KNOWN_BROKEN: dict[str, set[str]] = {
-    "ddp_spawn_returns": {"TokenSkip-mod"},
-    "fsdp2": set(),
-    "compiled": set(_TOKENS),
-    "checkpointed": set(_TOKENS),
-}
-
-
-def known_broken(request, column: str, sid: str) -> None:
-    if sid in KNOWN_BROKEN.get(column, ()):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{sid} does not pass the {column} column yet"))
-
 
 def technique_of(callbacks: list[Callback], setting: Setting) -> Callback:
     return next(cb for cb in callbacks if type(cb) is setting.cls)
@@ -134,7 +120,7 @@ class RankRecorder(Callback):
 
 
 @pytest.mark.parametrize("sid", IDS)
-def test_ddp_two_processes(sid, tmp_path, request):
+def test_ddp_two_processes(sid, tmp_path):
     """ddp_spawn: both ranks end identical, and the model the main process gets back after fit
     computes with the weights the last checkpoint holds (masks hardened, routers included)."""
     setting = SETTINGS[sid]
@@ -151,7 +137,6 @@ def test_ddp_two_processes(sid, tmp_path, request):
     assert ranks[0]["step"] == ranks[1]["step"] > 0
     assert max_abs_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
     assert_same_state(ranks[0]["techniques"], ranks[1]["techniques"], tol=0.0)
-    known_broken(request, "ddp_spawn_returns", sid)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     returned = harden_state_dict(model.state_dict())
     assert max_abs_diff(returned, harden_state_dict(saved)) == 0.0
@@ -173,10 +158,9 @@ def distributed_runs(tmp_path_factory, request):
 
 
 @pytest.mark.parametrize("sid", IDS)
-def test_fsdp2_equals_ddp(sid, distributed_runs, request):
+def test_fsdp2_equals_ddp(sid, distributed_runs):
     """FSDP2 (ModelParallelStrategy, one shard per block, two CPU processes) ends with the same
     weights and technique state as DDP, or the technique refuses it before training."""
-    known_broken(request, "fsdp2", sid)
     setting = SETTINGS[sid]
     ddp, fsdp2 = (distributed_runs / sid / name for name in ("ddp", "fsdp2"))
     assert not (ddp / "error.txt").exists(), (ddp / "error.txt").read_text()
@@ -227,13 +211,12 @@ def plain_compiles(model_family: str) -> set[int]:
 
 
 @pytest.mark.parametrize("sid", IDS)
-def test_compiled_equals_eager(sid, request):
+def test_compiled_equals_eager(sid):
     """torch.compile(lightning_module) (aot_eager backend): the same weights, technique state and
     FLOPs as eager, and no compiling beyond the model's own, except on the batches where the
     technique's schedule changes phase (``compile_phases``) and the batch FlopsMonitor counts."""
     setting = SETTINGS[sid]
     plain = plain_compiles(setting.model)
-    known_broken(request, "compiled", sid)
     eager_trainer, eager_model, eager_technique = fit(setting, extra=with_monitor(setting))
     eager_flops = monitor_of(eager_trainer).total_executed
     torch._dynamo.reset()
@@ -257,10 +240,9 @@ def test_compiled_equals_eager(sid, request):
 
 
 @pytest.mark.parametrize("sid", IDS)
-def test_checkpointed_equals_plain(sid, request):
+def test_checkpointed_equals_plain(sid):
     """Activation checkpointing (the model's own set_grad_checkpointing) changes nothing: the same
     weights, technique state and FLOPs (the recompute is not counted again)."""
-    known_broken(request, "checkpointed", sid)
     setting = SETTINGS[sid]
     plain_trainer, plain_model, plain_technique = fit(setting, extra=with_monitor(setting))
     trainer, model, technique = fit(setting, model_kwargs={"activation_checkpointing": True},

@@ -17,10 +17,10 @@ def _vit(**kwargs):
 
 
 def _record_shapes(model):
+    """Shapes of the tokens each block computes on (what its attention sees) and of the final norm's output."""
     shapes = []
     adapter = find_adapter(model)
-    hooks = [b.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple((a or (kw["x"],))[0].shape)),
-                                         with_kwargs=True) for b in adapter.blocks]
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape))) for b in adapter.blocks]
     hooks.append(model.norm.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape))))
     return shapes, hooks
 
@@ -48,7 +48,7 @@ def test_drop_physically_removes_tokens_for_later_blocks_norm_and_pooling(score)
     shapes, hooks = _record_shapes(model)
     out = model(x)
     assert shapes == [(3, 17, 32), (3, 1 + 4, 32), (3, 5, 32)]  # block 0, block 1, final norm
-    assert out.shape == (3, 10) and dropper.kept_fraction == [0.25]
+    assert out.shape == (3, 10) and dropper.lengths(17) == [17, 5]
     for h in hooks:
         h.remove()
     dropper.remove()
@@ -83,8 +83,8 @@ def test_kept_tokens_are_the_top_scored_in_original_order_and_prefix_stays():
     x = torch.randn(2, 17, 32)
     captured = []
     dropper = attach_drop(model, blocks=[1], ratios=[0.5], score="norm")
-    model.blocks[1].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    model.blocks[1](x)  # the pre-hooks run on direct calls too: dropper first, then the recorder
+    model.blocks[1].norm1.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    model.blocks[1](x)
     kept = captured[0]
     expected = x[:, 1:].norm(dim=-1).topk(8, dim=1).indices.sort(dim=1).values + 1
     assert torch.equal(kept[:, 0], x[:, 0])
@@ -102,11 +102,12 @@ def test_random_scores_depend_on_keys_only():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_bipartite_merge_conserves_size_weighted_mass_and_keeps_prefix():
+@pytest.mark.parametrize("variant", ["official", "ordered"])
+def test_bipartite_merge_conserves_size_weighted_mass_and_keeps_prefix(variant):
     torch.manual_seed(0)
     x, metric = torch.randn(2, 1 + 10, 4), torch.randn(2, 11, 3)
     size = torch.randint(1, 4, (2, 11, 1)).float()
-    merged, new_size = bipartite_merge(x, size, metric, r=3, prefix=1)
+    merged, new_size = bipartite_merge(x, size, metric, r=3, prefix=1, variant=variant)
     assert merged.shape == (2, 8, 4) and new_size.shape == (2, 8, 1)
     assert torch.equal(merged[:, 0], x[:, 0]) and torch.equal(new_size[:, 0], size[:, 0])
     assert torch.allclose((merged * new_size)[:, 1:].sum(1), (x * size)[:, 1:].sum(1), atol=1e-5)
@@ -123,7 +124,7 @@ def test_merge_with_r_zero_is_the_dense_model_and_r_shrinks_every_block():
     merger = attach_merge(model, r=4)
     shapes, _ = _record_shapes(model)
     model(x)
-    assert [s[1] for s in shapes] == [17, 13, 9] and merger.tokens_out == [13, 9]
+    assert [s[1] for s in shapes] == [17, 13, 9] and merger.lengths(17) == [17, 13] and merger.tokens_out(17) == 9
     merger.remove()
     assert torch.allclose(model(x), dense, atol=1e-6)
 
@@ -156,7 +157,7 @@ def test_merge_average_pooling_is_size_weighted():
     tokens = []
     model.norm.register_forward_pre_hook(lambda m, a: tokens.append(a[0]))
     model(x)
-    size = merger._size
+    size = model.blocks[1]._token_merge.size_out
     expected = (tokens[0][:, 1:] * size[:, 1:]).sum(1) / size[:, 1:].sum(1)
     assert torch.allclose(pooled[0], expected, atol=1e-6)
     merger.remove()
@@ -165,6 +166,11 @@ def test_merge_average_pooling_is_size_weighted():
 def test_merge_refuses_r_larger_than_half_the_tokens():
     with pytest.raises(ValueError, match=r"Expected `r` <= 6 at block 1 \(12 patch tokens reach it\), got r=7"):
         attach_merge(_vit(), r=[4, 7])
+    model = _vit()
+    model.patch_embed.num_patches = None  # an input size the model does not fix: checked in forward
+    attach_merge(model, r=[4, 7])
+    with pytest.raises(ValueError, match=r"Expected `r` <= 6 \(12 patch tokens reach the block\), got r=7"):
+        model(torch.randn(1, 1, 8, 8))
 
 
 def test_query_token_is_the_mean_for_average_pooling_and_the_class_token_otherwise():
