@@ -1,11 +1,16 @@
-"""Elastic ViT and GPT: one set of weights at the largest size; the active :class:`SubnetConfig`
-(``model.subnet``) slices width, heads, MLP hidden units and depth at every forward.
+"""Elastic ViT and GPT: one set of weights at the largest size; a :class:`SubnetConfig` slices
+width, heads, MLP hidden units and depth at every forward (``model(x, cfg)``, or
+``model.set_subnet(cfg)`` then ``model(x)``).
 
 Slicing keeps the first units of each dimension: the first ``embed_dim`` channels everywhere
 (embeddings, LayerNorms, residual stream, head), the first ``h`` heads of q, k and v (the
 head size is fixed, so ``h * head_dim`` rows of each), the first ``hidden`` MLP units and the
 first ``depth`` blocks. Module names follow timm and the kit's GPT (``blocks.i.attn.qkv``,
 ``mlp.fc1``...), so an exported plain model takes sliced tensors under the same names.
+
+Under ``torch.compile`` the loop over blocks runs as Python and each block call is compiled
+with its width, heads and hidden units as symbolic sizes, so a handful of graphs serve every
+subnet. Eager runs skip the slice at full size (its backward would copy a full-size gradient).
 """
 
 from __future__ import annotations
@@ -13,25 +18,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
 
 
-def _ln(x: torch.Tensor, norm: nn.LayerNorm, d: int) -> torch.Tensor:
-    if d == norm.weight.shape[0]:  # full width: no slice (its backward would copy a full-size gradient)
-        return F.layer_norm(x, (d,), norm.weight, norm.bias, norm.eps)
-    return F.layer_norm(x, (d,), norm.weight[:d], norm.bias[:d] if norm.bias is not None else None, norm.eps)
+def _cut(t: torch.Tensor, *sizes) -> torch.Tensor:
+    """The leading ``sizes`` of ``t``. When compiling always a slice (one graph for every size);
+    in eager ``t`` itself at full size."""
+    if not torch.compiler.is_compiling() and tuple(t.shape[: len(sizes)]) == sizes:
+        return t
+    return t[tuple(slice(0, s) for s in sizes)]
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, out: int, inp: int) -> torch.Tensor:
-    if (out, inp) == tuple(layer.weight.shape):
-        return F.linear(x, layer.weight, layer.bias)
-    bias = layer.bias[:out] if layer.bias is not None else None
-    return F.linear(x, layer.weight[:out, :inp], bias)
+def _ln(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    d = x.shape[-1]
+    return F.layer_norm(x, (d,), _cut(norm.weight, d), _cut(norm.bias, d), norm.eps)
 
 
-def _cols(weight: torch.Tensor, d: int) -> torch.Tensor:
-    return weight if d == weight.shape[1] else weight[:, :d]
+def _linear(x: torch.Tensor, layer: nn.Linear, out: int) -> torch.Tensor:
+    return F.linear(x, _cut(layer.weight, out, x.shape[-1]), _cut(layer.bias, out))
 
 
 def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
@@ -43,7 +49,8 @@ def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
 
 
 class ElasticBlock(nn.Module):
-    """A pre-norm transformer block at its largest size, run at any (width, heads, hidden)."""
+    """A pre-norm transformer block at its largest size, run at any width (that of its input),
+    number of heads and MLP hidden units."""
 
     def __init__(self, dim: int, max_heads: int, head_dim: int, max_hidden: int, causal: bool,
                  approximate_gelu: bool) -> None:
@@ -59,21 +66,23 @@ class ElasticBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(dim, max_hidden)
         self.mlp.fc2 = nn.Linear(max_hidden, dim)
 
-    def forward(self, x: torch.Tensor, d: int, heads: int, hidden: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        hd, inner = self.head_dim, heads * self.head_dim
-        y = _ln(x, self.norm1, d)
-        if heads == self.max_heads:
-            qkv = _linear(y, self.attn.qkv, 3 * inner, d)
-        else:
-            w = self.attn.qkv.weight.view(3, self.max_heads * hd, -1)[:, :inner, :d].reshape(3 * inner, d)
-            bias = self.attn.qkv.bias.view(3, -1)[:, :inner].reshape(-1)
-            qkv = F.linear(y, w, bias)
-        q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    def qkv(self, y: torch.Tensor, heads: int) -> torch.Tensor:
+        qkv = self.attn.qkv
+        if not torch.compiler.is_compiling() and heads == self.max_heads:
+            return _linear(y, qkv, qkv.weight.shape[0])
+        inner, d = heads * self.head_dim, y.shape[-1]
+        weight = qkv.weight.view(3, -1, qkv.weight.shape[1])[:, :inner, :d]  # the first heads of q, k and v
+        bias = qkv.bias.view(3, -1)[:, :inner]
+        return F.linear(y, torch.cat(weight.unbind(0)), torch.cat(bias.unbind(0)))
+
+    def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+        b, t, d = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(_ln(x, self.norm1), heads).view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        x = x + _linear(y.transpose(1, 2).reshape(b, t, inner), self.attn.proj, d, inner)
-        y = F.gelu(_linear(_ln(x, self.norm2, d), self.mlp.fc1, hidden, d), approximate=self.gelu)
-        return x + _linear(y, self.mlp.fc2, d, hidden)
+        x = x + _linear(y.transpose(1, 2).reshape(b, t, heads * hd), self.attn.proj, d)
+        y = F.gelu(_linear(_ln(x, self.norm2), self.mlp.fc1, hidden), approximate=self.gelu)
+        return x + _linear(y, self.mlp.fc2, d)
 
 
 class _Elastic(nn.Module):
@@ -83,6 +92,7 @@ class _Elastic(nn.Module):
         super().__init__()
         self.space = SearchSpace.from_dict(space)
         self.subnet = self.space.max()
+        self.grad_checkpointing = False
         s = self.space
         self.max_hidden = int(round(s.embed_dim[-1] * s.mlp_ratio[-1]))
         self.blocks = nn.ModuleList(
@@ -90,13 +100,33 @@ class _Elastic(nn.Module):
             for _ in range(s.depth[-1]))
 
     def set_subnet(self, cfg: SubnetConfig) -> None:
+        """The subnet ``model(x)`` runs when called without one."""
         self.space.check(cfg)
         self.subnet = cfg
 
-    def run_blocks(self, x: torch.Tensor, cfg: SubnetConfig) -> torch.Tensor:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor, subnet: SubnetConfig | None = None) -> torch.Tensor:
+        return self.run(x, subnet or self.subnet)
+
+    @torch.compiler.disable(recursive=False)  # Python over the subnet; the calls below compile
+    def run(self, x: torch.Tensor, cfg: SubnetConfig) -> torch.Tensor:
+        x = self.embed(x, cfg.embed_dim)
+        torch._dynamo.maybe_mark_dynamic(x, 2)  # the width: symbolic from the first compile on
         for i in range(cfg.depth):
-            x = self.blocks[i](x, cfg.embed_dim, cfg.num_heads[i], cfg.hidden(i))
-        return x
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self.blocks[i], x, cfg.num_heads[i], cfg.hidden(i), use_reentrant=False)
+            else:
+                x = self.blocks[i](x, cfg.num_heads[i], cfg.hidden(i))
+        return self.readout(x, cfg.embed_dim)
+
+    def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class ElasticViT(_Elastic):
@@ -125,19 +155,12 @@ class ElasticViT(_Elastic):
         return torch.zeros(batch, self.in_chans, self.img_size, self.img_size)
 
     def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        p = self.patch_size
-        full = d == self.patch_embed.weight.shape[0]
-        weight, bias = (self.patch_embed.weight, self.patch_embed.bias) if full else (
-            self.patch_embed.weight[:d], self.patch_embed.bias[:d])
-        x = F.conv2d(x, weight, bias, stride=p)
-        return x.flatten(2).transpose(1, 2) + _cols(self.pos_embed[0], d)
+        x = F.conv2d(x, _cut(self.patch_embed.weight, d), _cut(self.patch_embed.bias, d), stride=self.patch_size)
+        pos = self.pos_embed[0]
+        return x.flatten(2).transpose(1, 2) + _cut(pos, pos.shape[0], d)
 
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return _linear(_ln(x.mean(1), self.fc_norm, d), self.head, self.num_classes, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.subnet
-        return self.readout(self.run_blocks(self.embed(x, cfg.embed_dim), cfg), cfg.embed_dim)
+        return _linear(_ln(x.mean(1), self.fc_norm), self.head, self.num_classes)
 
 
 class ElasticGPT(_Elastic):
@@ -171,11 +194,9 @@ class ElasticGPT(_Elastic):
         if t > self.block_size:
             raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {t}")
         pos = torch.arange(t, device=idx.device)
-        return F.embedding(idx, _cols(self.wte.weight, d)) + F.embedding(pos, _cols(self.wpe.weight, d))
+        wte, wpe = self.wte.weight, self.wpe.weight
+        return F.embedding(idx, _cut(wte, wte.shape[0], d)) + F.embedding(pos, _cut(wpe, wpe.shape[0], d))
 
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return F.linear(_ln(x, self.norm, d), _cols(self.wte.weight, d))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        cfg = self.subnet
-        return self.readout(self.run_blocks(self.embed(idx, cfg.embed_dim), cfg), cfg.embed_dim)
+        wte = self.wte.weight
+        return F.linear(_ln(x, self.norm), _cut(wte, wte.shape[0], d))

@@ -103,15 +103,20 @@ def test_reorganize_flag_is_checked():
         DelayedShrinking(reorganize="yes")
 
 
-def test_reorganize_refuses_sharded_strategies():
-    """FSDP needs a GPU in Lightning, so the check runs against a stand-in trainer."""
+def test_strategy_checks():
+    """FSDP1 is refused outright; under FSDP2 (ModelParallelStrategy) the reorganization is refused
+    with the fix. Checked against a stand-in trainer (the two-process FSDP2 run is in test_fsdp2.py)."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     module = tiny_supernet("vit", sampler=DelayedShrinking())
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=r"needs every parameter unsharded .* got strategy FSDPStrategy\. .*"
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
+    with pytest.raises(ValueError, match=r"SupernetModule runs on a single device, DDP or FSDP2 \(ModelParallelStrategy\), "
+                                         r"got strategy FSDPStrategy"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[])
+    with pytest.raises(ValueError, match=r"DelayedShrinking\(reorganize=True\) permutes whole weight matrices .* FSDP2 .*"
                                          r"set reorganize: false"):
         module.setup("fit")
     module.sampler.reorganize = False
