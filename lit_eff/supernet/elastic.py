@@ -8,9 +8,9 @@ head size is fixed, so ``h * head_dim`` rows of each), the first ``hidden`` MLP 
 first ``depth`` blocks. Module names follow timm and the kit's GPT (``blocks.i.attn.qkv``,
 ``mlp.fc1``...), so an exported plain model takes sliced tensors under the same names.
 
-Under ``torch.compile`` the loop over blocks runs as Python and each block call is compiled
-with its width, heads and hidden units as symbolic sizes, so a handful of graphs serve every
-subnet. Eager runs skip the slice at full size (its backward would copy a full-size gradient).
+Under ``torch.compile`` the loop over blocks and the cutting of weights run as Python, and the
+math of each part (:func:`block_math`, embedding, readout) compiles with contiguous inputs whose
+sizes become symbolic, so a few graphs serve every subnet.
 """
 
 from __future__ import annotations
@@ -23,21 +23,28 @@ from torch.utils.checkpoint import checkpoint
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
 
 
-def _cut(t: torch.Tensor, *sizes) -> torch.Tensor:
-    """The leading ``sizes`` of ``t``. When compiling always a slice (one graph for every size);
-    in eager ``t`` itself at full size."""
-    if not torch.compiler.is_compiling() and tuple(t.shape[: len(sizes)]) == sizes:
-        return t
-    return t[tuple(slice(0, s) for s in sizes)]
+@torch.compiler.disable(recursive=False)
+def _take(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` of ``t`` as a contiguous tensor that is not a ``Parameter``: a view at
+    full size or when only rows are cut (no copy), a copy when columns are cut. Compiled code then
+    sees the same kind of input for every subnet, so one graph serves them all."""
+    if not torch.is_grad_enabled():  # evaluation: no view that still requires grad
+        t = t.detach()
+    if tuple(t.shape[: len(sizes)]) == sizes:
+        return t.view(t.shape)
+    return t[tuple(slice(0, s) for s in sizes)].contiguous()
 
 
-def _ln(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    d = x.shape[-1]
-    return F.layer_norm(x, (d,), _cut(norm.weight, d), _cut(norm.bias, d), norm.eps)
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear, out: int) -> torch.Tensor:
-    return F.linear(x, _cut(layer.weight, out, x.shape[-1]), _cut(layer.bias, out))
+def block_math(x: torch.Tensor, norm1_w, norm1_b, qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc1_w, fc1_b,
+               fc2_w, fc2_b, head_dim: int, causal: bool, gelu: str, eps: float) -> torch.Tensor:
+    """A pre-norm transformer block on weights already cut to the subnet's sizes."""
+    b, t, d = x.shape
+    q, k, v = F.linear(F.layer_norm(x, (d,), norm1_w, norm1_b, eps), qkv_w, qkv_b).view(
+        b, t, 3, -1, head_dim).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    x = x + F.linear(y.transpose(1, 2).reshape(b, t, proj_w.shape[1]), proj_w, proj_b)
+    y = F.gelu(F.linear(F.layer_norm(x, (d,), norm2_w, norm2_b, eps), fc1_w, fc1_b), approximate=gelu)
+    return x + F.linear(y, fc2_w, fc2_b)
 
 
 def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
@@ -66,23 +73,20 @@ class ElasticBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(dim, max_hidden)
         self.mlp.fc2 = nn.Linear(max_hidden, dim)
 
-    def qkv(self, y: torch.Tensor, heads: int) -> torch.Tensor:
-        qkv = self.attn.qkv
-        if not torch.compiler.is_compiling() and heads == self.max_heads:
-            return _linear(y, qkv, qkv.weight.shape[0])
-        inner, d = heads * self.head_dim, y.shape[-1]
-        weight = qkv.weight.view(3, -1, qkv.weight.shape[1])[:, :inner, :d]  # the first heads of q, k and v
-        bias = qkv.bias.view(3, -1)[:, :inner]
-        return F.linear(y, torch.cat(weight.unbind(0)), torch.cat(bias.unbind(0)))
-
+    @torch.compiler.disable(recursive=False)  # cuts the weights in Python; block_math compiles
     def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
-        b, t, d = x.shape
-        hd = self.head_dim
-        q, k, v = self.qkv(_ln(x, self.norm1), heads).view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        x = x + _linear(y.transpose(1, 2).reshape(b, t, heads * hd), self.attn.proj, d)
-        y = F.gelu(_linear(_ln(x, self.norm2), self.mlp.fc1, hidden), approximate=self.gelu)
-        return x + _linear(y, self.mlp.fc2, d)
+        d, inner = x.shape[-1], heads * self.head_dim
+        qkv, proj, fc1, fc2 = self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
+        if heads == self.max_heads:
+            qkv_w, qkv_b = _take(qkv.weight, 3 * inner, d), _take(qkv.bias, 3 * inner)
+        else:  # the first heads of q, k and v (copies)
+            qkv_w = qkv.weight.view(3, -1, qkv.weight.shape[1])[:, :inner, :d].reshape(3 * inner, d)
+            qkv_b = qkv.bias.view(3, -1)[:, :inner].reshape(3 * inner)
+        return block_math(x, _take(self.norm1.weight, d), _take(self.norm1.bias, d), qkv_w, qkv_b,
+                          _take(proj.weight, d, inner), _take(proj.bias, d), _take(self.norm2.weight, d),
+                          _take(self.norm2.bias, d), _take(fc1.weight, hidden, d), _take(fc1.bias, hidden),
+                          _take(fc2.weight, d, hidden), _take(fc2.bias, d), self.head_dim, self.causal, self.gelu,
+                          self.norm1.eps)
 
 
 class _Elastic(nn.Module):
@@ -114,7 +118,6 @@ class _Elastic(nn.Module):
     @torch.compiler.disable(recursive=False)  # Python over the subnet; the calls below compile
     def run(self, x: torch.Tensor, cfg: SubnetConfig) -> torch.Tensor:
         x = self.embed(x, cfg.embed_dim)
-        torch._dynamo.maybe_mark_dynamic(x, 2)  # the width: symbolic from the first compile on
         for i in range(cfg.depth):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self.blocks[i], x, cfg.num_heads[i], cfg.hidden(i), use_reentrant=False)
@@ -154,13 +157,16 @@ class ElasticViT(_Elastic):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.in_chans, self.img_size, self.img_size)
 
+    @torch.compiler.disable(recursive=False)
     def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        x = F.conv2d(x, _cut(self.patch_embed.weight, d), _cut(self.patch_embed.bias, d), stride=self.patch_size)
         pos = self.pos_embed[0]
-        return x.flatten(2).transpose(1, 2) + _cut(pos, pos.shape[0], d)
+        return vit_embed(x, _take(self.patch_embed.weight, d), _take(self.patch_embed.bias, d),
+                         _take(pos, pos.shape[0], d), self.patch_size)
 
+    @torch.compiler.disable(recursive=False)
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return _linear(_ln(x.mean(1), self.fc_norm), self.head, self.num_classes)
+        return vit_readout(x, _take(self.fc_norm.weight, d), _take(self.fc_norm.bias, d),
+                           _take(self.head.weight, self.num_classes, d), self.head.bias.view(-1), self.fc_norm.eps)
 
 
 class ElasticGPT(_Elastic):
@@ -189,14 +195,32 @@ class ElasticGPT(_Elastic):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.block_size, dtype=torch.long)
 
+    @torch.compiler.disable(recursive=False)
     def embed(self, idx: torch.Tensor, d: int) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {t}")
-        pos = torch.arange(t, device=idx.device)
+        if idx.shape[1] > self.block_size:
+            raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {idx.shape[1]}")
         wte, wpe = self.wte.weight, self.wpe.weight
-        return F.embedding(idx, _cut(wte, wte.shape[0], d)) + F.embedding(pos, _cut(wpe, wpe.shape[0], d))
+        return gpt_embed(idx, _take(wte, wte.shape[0], d), _take(wpe, wpe.shape[0], d))
 
+    @torch.compiler.disable(recursive=False)
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
         wte = self.wte.weight
-        return F.linear(_ln(x, self.norm), _cut(wte, wte.shape[0], d))
+        return gpt_readout(x, _take(self.norm.weight, d), _take(self.norm.bias, d), _take(wte, wte.shape[0], d),
+                           self.norm.eps)
+
+
+def vit_embed(x: torch.Tensor, weight, bias, pos, patch_size: int) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, stride=patch_size).flatten(2).transpose(1, 2) + pos
+
+
+def vit_readout(x: torch.Tensor, norm_w, norm_b, head_w, head_b, eps: float) -> torch.Tensor:
+    x = x.mean(1)
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps), head_w, head_b)
+
+
+def gpt_embed(idx: torch.Tensor, wte, wpe) -> torch.Tensor:
+    return F.embedding(idx, wte) + F.embedding(torch.arange(idx.shape[1], device=idx.device), wpe)
+
+
+def gpt_readout(x: torch.Tensor, norm_w, norm_b, wte, eps: float) -> torch.Tensor:
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps), wte)
