@@ -170,10 +170,6 @@ class SupernetModule(LightningModule):
         if not supported or isinstance(strategy, DeepSpeedStrategy):
             raise ValueError(f"SupernetModule runs on a single device, DDP or FSDP2 (ModelParallelStrategy), got "
                              f"strategy {type(strategy).__name__}")
-        if getattr(self.sampler, "reorganize", False) and isinstance(strategy, ModelParallelStrategy):
-            raise ValueError("DelayedShrinking(reorganize=True) permutes whole weight matrices and their optimizer "
-                             "state, which FSDP2 (ModelParallelStrategy) shards across ranks; use DDP or a single "
-                             "device, or set reorganize: false")
 
     def on_train_start(self) -> None:
         self.sampler.bind(self.space, self.flops, self.trainer.estimated_stepping_batches)

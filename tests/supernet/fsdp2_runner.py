@@ -28,7 +28,7 @@ CASES = {
     "vit-perf": ("vit", lambda: PerformanceAware(num_buckets=2, k=2, q=0.5, capacity=2), {}),
     # ElasticGPT, activation checkpointing, steps without the largest subnet (unused blocks)
     "gpt-uniform-checkpointed": ("gpt", lambda: Uniform(k=2), {"activation_checkpointing": True}),
-    # the shrink-start reorganization permutes whole matrices: refused under FSDP2
+    # DεpS: the shrink-start reorganization (step 3) permutes sharded weights and AdamW moments
     "vit-deps": ("vit", lambda: DelayedShrinking(start_fraction=0.5, warmup_fraction=0.25, k=1), {}),
 }
 

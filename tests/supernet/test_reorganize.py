@@ -104,8 +104,8 @@ def test_reorganize_flag_is_checked():
 
 
 def test_strategy_checks():
-    """FSDP1 is refused outright; under FSDP2 (ModelParallelStrategy) the reorganization is refused
-    with the fix. Checked against a stand-in trainer (the two-process FSDP2 run is in test_fsdp2.py)."""
+    """FSDP1 is refused (FSDP2, ModelParallelStrategy, is supported: tests/supernet/test_fsdp2.py).
+    Checked against a stand-in trainer: Lightning's FSDP1 needs a GPU."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -116,8 +116,4 @@ def test_strategy_checks():
                                          r"got strategy FSDPStrategy"):
         module.setup("fit")
     module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[])
-    with pytest.raises(ValueError, match=r"DelayedShrinking\(reorganize=True\) permutes whole weight matrices .* FSDP2 .*"
-                                         r"set reorganize: false"):
-        module.setup("fit")
-    module.sampler.reorganize = False
-    module.setup("fit")
+    module.setup("fit")  # reorganization included
