@@ -249,19 +249,23 @@ def parser() -> argparse.ArgumentParser:
         epilog="Writes OUT/subnet.pt (load it with lit_eff.supernet.load_subnet('OUT/subnet.pt')), OUT/search.json "
                "and OUT/pareto.png. Subnets are named 'width 48 · depth 2 · heads 2,4 · mlp 2,1.5' (heads and MLP "
                "ratios per block).")
-    p.add_argument("--ckpt", required=True, metavar="FILE", help="a checkpoint of a SupernetModule run (e.g. .../checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", required=True, metavar="FILE",
+                   help="a checkpoint of a SupernetModule run (e.g. .../checkpoints/last.ckpt)")
     p.add_argument("--budget-mflops", type=float, required=True, metavar="MFLOPS",
                    help="the most forward MFLOPs per sample (one image, one sequence) the chosen subnet may cost")
     p.add_argument("--method", choices=["evolution", "random"], default="evolution",
                    help="evolution: a random population, then crossover and mutation of the best half; "
                         "random: random subnets under the budget (default: %(default)s)")
-    p.add_argument("--candidates", type=int, metavar="N", default=48, help="subnets to evaluate in all (default: %(default)s)")
+    p.add_argument("--candidates", type=int, metavar="N", default=48,
+                   help="subnets to evaluate in all (default: %(default)s)")
     p.add_argument("--population", type=int, metavar="N", default=12,
                    help="evolution: subnets per generation (default: %(default)s)")
-    p.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the candidate draws (default: %(default)s)")
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of the candidate draws (default: %(default)s)")
     p.add_argument("--batches", type=int, metavar="N", default=8,
                    help="validation batches each candidate is scored on (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, metavar="N", default=128, help="validation batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, metavar="N", default=128,
+                   help="validation batch size (default: %(default)s)")
     p.add_argument("--out", default="search_out", metavar="OUT",
                    help="folder for subnet.pt, search.json and pareto.png (default: %(default)s)")
     return p

@@ -14,8 +14,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from lit_eff.callbacks import FlopsMonitor
 from lit_eff.callbacks.masking import MaskingTechnique
 from lit_eff.cli import LitEffCLI
-from lit_eff.supernet import (ComplexityAware, DelayedShrinking, PerformanceAware, Sandwich, SubnetConfig,
-                              SupernetModule, Uniform, load_subnet)
+from lit_eff.supernet import ComplexityAware, DelayedShrinking, PerformanceAware, Sandwich, SupernetModule, Uniform
 from tests.contract.settings import SETTINGS
 from tests.contract.test_contract import assert_same_state
 from tests.helpers import digits, flat_state, make_trainer, max_abs_diff, seeded, text

@@ -112,8 +112,8 @@ def test_strategy_checks():
 
     module = tiny_supernet("vit", sampler=DelayedShrinking())
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
-    with pytest.raises(ValueError, match=r"SupernetModule runs on a single device, DDP or FSDP2 \(ModelParallelStrategy\), "
-                                         r"got strategy FSDPStrategy"):
+    with pytest.raises(ValueError, match=r"SupernetModule runs on a single device, DDP or FSDP2 "
+                                         r"\(ModelParallelStrategy\), got strategy FSDPStrategy"):
         module.setup("fit")
     module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[])
     module.setup("fit")  # reorganization included
