@@ -12,12 +12,17 @@ Printed: median ms per step of each and the ratio (target: supernet within 10% o
 i.e. ratio <= 1.10). No optimizer step in either (it is the same AdamW over the supernet's
 parameters in real training and is not part of the claim).
 
-    python benchmarks/supernet.py [--steps 30] [--which vit gpt]
+With ``--compile``: the same supernet step eager vs with ``torch.compile`` (inductor) on the
+elastic model, after a warm-up that compiles; printed: median ms of each, the speedup, and the
+graphs built during the timed steps (every step draws new subnets; 0 means no recompiles).
+
+    python benchmarks/supernet.py [--steps 30] [--which vit gpt] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -94,13 +99,47 @@ def bench(which: str, steps: int) -> None:
           f"{torch.get_num_threads()} thread(s)")
 
 
+def bench_compile(which: str, steps: int, warmup: int = 6) -> None:
+    eager, data = build(which)
+    compiled = copy.deepcopy(eager)
+    compiled.model = torch.compile(compiled.model)
+    for module in (eager, compiled):
+        module.log = lambda *a, **k: None  # no trainer here
+    batches = iter(data.train_dataloader())
+    times = {"eager": [], "compiled": []}
+    start, graphs = time.perf_counter(), 0
+    for step in range(warmup + steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(data.train_dataloader())
+            x, y = next(batches)
+        draws = eager.sampler.draw(step + 1000)  # training_step (no trainer: step 0) uses these draws
+        for module in (eager, compiled):
+            module.sampler._cached = (0, draws)
+        if step == warmup:
+            print(f"{which}: warm-up of {warmup} steps (compiling) took {time.perf_counter() - start:.1f} s")
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        order = [eager, compiled] if step % 2 else [compiled, eager]
+        for module in order:
+            module.zero_grad(set_to_none=True)
+            t = supernet(module, x, y)
+            if step >= warmup:
+                times["eager" if module is eager else "compiled"].append(t)
+    built = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    print(f"{which}: eager step {e * 1e3:.1f} ms, compiled step {c * 1e3:.1f} ms, speedup {e / c:.3f}, "
+          f"{built} graphs built in the {steps} timed steps, {torch.get_num_threads()} thread(s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--which", nargs="+", default=["vit", "gpt"], choices=["vit", "gpt"])
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile (inductor) supernet step")
     args = parser.parse_args()
     for which in args.which:
-        bench(which, args.steps)
+        (bench_compile if args.compile else bench)(which, args.steps)
 
 
 if __name__ == "__main__":

@@ -53,12 +53,9 @@ def table(curves: dict[str, list[tuple]]) -> str:
 
 
 def plot(curves: dict[str, list[tuple]], path: str, ylabel: str, title: str = "") -> None:
-    import matplotlib
+    from lit_eff.supernet.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(6, 4)
     for label, points in curves.items():
         x, y, err = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
         style = "o-" if len(points) > 1 else "s"
@@ -71,7 +68,6 @@ def plot(curves: dict[str, list[tuple]], path: str, ylabel: str, title: str = ""
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

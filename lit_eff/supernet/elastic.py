@@ -1,11 +1,16 @@
-"""Elastic ViT and GPT: one set of weights at the largest size; the active :class:`SubnetConfig`
-(``model.subnet``) slices width, heads, MLP hidden units and depth at every forward.
+"""Elastic ViT and GPT: one set of weights at the largest size; a :class:`SubnetConfig` slices
+width, heads, MLP hidden units and depth at every forward (``model(x, cfg)``, or
+``model.set_subnet(cfg)`` then ``model(x)``).
 
 Slicing keeps the first units of each dimension: the first ``embed_dim`` channels everywhere
 (embeddings, LayerNorms, residual stream, head), the first ``h`` heads of q, k and v (the
 head size is fixed, so ``h * head_dim`` rows of each), the first ``hidden`` MLP units and the
 first ``depth`` blocks. Module names follow timm and the kit's GPT (``blocks.i.attn.qkv``,
 ``mlp.fc1``...), so an exported plain model takes sliced tensors under the same names.
+
+Under ``torch.compile`` the loop over blocks and the cutting of weights run as Python, and the
+math of each part (:func:`block_math`, embedding, readout) compiles with contiguous inputs whose
+sizes become symbolic, so a few graphs serve every subnet.
 """
 
 from __future__ import annotations
@@ -13,25 +18,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
 
 
-def _ln(x: torch.Tensor, norm: nn.LayerNorm, d: int) -> torch.Tensor:
-    if d == norm.weight.shape[0]:  # full width: no slice (its backward would copy a full-size gradient)
-        return F.layer_norm(x, (d,), norm.weight, norm.bias, norm.eps)
-    return F.layer_norm(x, (d,), norm.weight[:d], norm.bias[:d] if norm.bias is not None else None, norm.eps)
+@torch.compiler.disable(recursive=False)
+def _take(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` of ``t`` as a contiguous tensor that is not a ``Parameter``: a view at
+    full size or when only rows are cut (no copy), a copy when columns are cut. Compiled code then
+    sees the same kind of input for every subnet, so one graph serves them all."""
+    if not torch.is_grad_enabled():  # evaluation: no view that still requires grad
+        t = t.detach()
+    if tuple(t.shape[: len(sizes)]) == sizes:
+        return t.view(t.shape)
+    return t[tuple(slice(0, s) for s in sizes)].contiguous()
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, out: int, inp: int) -> torch.Tensor:
-    if (out, inp) == tuple(layer.weight.shape):
-        return F.linear(x, layer.weight, layer.bias)
-    bias = layer.bias[:out] if layer.bias is not None else None
-    return F.linear(x, layer.weight[:out, :inp], bias)
-
-
-def _cols(weight: torch.Tensor, d: int) -> torch.Tensor:
-    return weight if d == weight.shape[1] else weight[:, :d]
+def block_math(x: torch.Tensor, norm1_w, norm1_b, qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc1_w, fc1_b,
+               fc2_w, fc2_b, head_dim: int, causal: bool, gelu: str, eps: float) -> torch.Tensor:
+    """A pre-norm transformer block on weights already cut to the subnet's sizes."""
+    b, t, d = x.shape
+    q, k, v = F.linear(F.layer_norm(x, (d,), norm1_w, norm1_b, eps), qkv_w, qkv_b).view(
+        b, t, 3, -1, head_dim).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    x = x + F.linear(y.transpose(1, 2).reshape(b, t, proj_w.shape[1]), proj_w, proj_b)
+    y = F.gelu(F.linear(F.layer_norm(x, (d,), norm2_w, norm2_b, eps), fc1_w, fc1_b), approximate=gelu)
+    return x + F.linear(y, fc2_w, fc2_b)
 
 
 def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
@@ -43,7 +56,8 @@ def qkv_rows(heads: int, max_heads: int, head_dim: int) -> slice | torch.Tensor:
 
 
 class ElasticBlock(nn.Module):
-    """A pre-norm transformer block at its largest size, run at any (width, heads, hidden)."""
+    """A pre-norm transformer block at its largest size, run at any width (that of its input),
+    number of heads and MLP hidden units."""
 
     def __init__(self, dim: int, max_heads: int, head_dim: int, max_hidden: int, causal: bool,
                  approximate_gelu: bool) -> None:
@@ -59,21 +73,20 @@ class ElasticBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(dim, max_hidden)
         self.mlp.fc2 = nn.Linear(max_hidden, dim)
 
-    def forward(self, x: torch.Tensor, d: int, heads: int, hidden: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        hd, inner = self.head_dim, heads * self.head_dim
-        y = _ln(x, self.norm1, d)
+    @torch.compiler.disable(recursive=False)  # cuts the weights in Python; block_math compiles
+    def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+        d, inner = x.shape[-1], heads * self.head_dim
+        qkv, proj, fc1, fc2 = self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
         if heads == self.max_heads:
-            qkv = _linear(y, self.attn.qkv, 3 * inner, d)
-        else:
-            w = self.attn.qkv.weight.view(3, self.max_heads * hd, -1)[:, :inner, :d].reshape(3 * inner, d)
-            bias = self.attn.qkv.bias.view(3, -1)[:, :inner].reshape(-1)
-            qkv = F.linear(y, w, bias)
-        q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        x = x + _linear(y.transpose(1, 2).reshape(b, t, inner), self.attn.proj, d, inner)
-        y = F.gelu(_linear(_ln(x, self.norm2, d), self.mlp.fc1, hidden, d), approximate=self.gelu)
-        return x + _linear(y, self.mlp.fc2, d, hidden)
+            qkv_w, qkv_b = _take(qkv.weight, 3 * inner, d), _take(qkv.bias, 3 * inner)
+        else:  # the first heads of q, k and v (copies)
+            qkv_w = qkv.weight.view(3, -1, qkv.weight.shape[1])[:, :inner, :d].reshape(3 * inner, d)
+            qkv_b = qkv.bias.view(3, -1)[:, :inner].reshape(3 * inner)
+        return block_math(x, _take(self.norm1.weight, d), _take(self.norm1.bias, d), qkv_w, qkv_b,
+                          _take(proj.weight, d, inner), _take(proj.bias, d), _take(self.norm2.weight, d),
+                          _take(self.norm2.bias, d), _take(fc1.weight, hidden, d), _take(fc1.bias, hidden),
+                          _take(fc2.weight, d, hidden), _take(fc2.bias, d), self.head_dim, self.causal, self.gelu,
+                          self.norm1.eps)
 
 
 class _Elastic(nn.Module):
@@ -83,6 +96,7 @@ class _Elastic(nn.Module):
         super().__init__()
         self.space = SearchSpace.from_dict(space)
         self.subnet = self.space.max()
+        self.grad_checkpointing = False
         s = self.space
         self.max_hidden = int(round(s.embed_dim[-1] * s.mlp_ratio[-1]))
         self.blocks = nn.ModuleList(
@@ -90,13 +104,32 @@ class _Elastic(nn.Module):
             for _ in range(s.depth[-1]))
 
     def set_subnet(self, cfg: SubnetConfig) -> None:
+        """The subnet ``model(x)`` runs when called without one."""
         self.space.check(cfg)
         self.subnet = cfg
 
-    def run_blocks(self, x: torch.Tensor, cfg: SubnetConfig) -> torch.Tensor:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor, subnet: SubnetConfig | None = None) -> torch.Tensor:
+        return self.run(x, subnet or self.subnet)
+
+    @torch.compiler.disable(recursive=False)  # Python over the subnet; the calls below compile
+    def run(self, x: torch.Tensor, cfg: SubnetConfig) -> torch.Tensor:
+        x = self.embed(x, cfg.embed_dim)
         for i in range(cfg.depth):
-            x = self.blocks[i](x, cfg.embed_dim, cfg.num_heads[i], cfg.hidden(i))
-        return x
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self.blocks[i], x, cfg.num_heads[i], cfg.hidden(i), use_reentrant=False)
+            else:
+                x = self.blocks[i](x, cfg.num_heads[i], cfg.hidden(i))
+        return self.readout(x, cfg.embed_dim)
+
+    def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class ElasticViT(_Elastic):
@@ -124,20 +157,16 @@ class ElasticViT(_Elastic):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.in_chans, self.img_size, self.img_size)
 
+    @torch.compiler.disable(recursive=False)
     def embed(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        p = self.patch_size
-        full = d == self.patch_embed.weight.shape[0]
-        weight, bias = (self.patch_embed.weight, self.patch_embed.bias) if full else (
-            self.patch_embed.weight[:d], self.patch_embed.bias[:d])
-        x = F.conv2d(x, weight, bias, stride=p)
-        return x.flatten(2).transpose(1, 2) + _cols(self.pos_embed[0], d)
+        pos = self.pos_embed[0]
+        return vit_embed(x, _take(self.patch_embed.weight, d), _take(self.patch_embed.bias, d),
+                         _take(pos, pos.shape[0], d), self.patch_size)
 
+    @torch.compiler.disable(recursive=False)
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return _linear(_ln(x.mean(1), self.fc_norm, d), self.head, self.num_classes, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.subnet
-        return self.readout(self.run_blocks(self.embed(x, cfg.embed_dim), cfg), cfg.embed_dim)
+        return vit_readout(x, _take(self.fc_norm.weight, d), _take(self.fc_norm.bias, d),
+                           _take(self.head.weight, self.num_classes, d), self.head.bias.view(-1), self.fc_norm.eps)
 
 
 class ElasticGPT(_Elastic):
@@ -166,16 +195,32 @@ class ElasticGPT(_Elastic):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.block_size, dtype=torch.long)
 
+    @torch.compiler.disable(recursive=False)
     def embed(self, idx: torch.Tensor, d: int) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {t}")
-        pos = torch.arange(t, device=idx.device)
-        return F.embedding(idx, _cols(self.wte.weight, d)) + F.embedding(pos, _cols(self.wpe.weight, d))
+        if idx.shape[1] > self.block_size:
+            raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {idx.shape[1]}")
+        wte, wpe = self.wte.weight, self.wpe.weight
+        return gpt_embed(idx, _take(wte, wte.shape[0], d), _take(wpe, wpe.shape[0], d))
 
+    @torch.compiler.disable(recursive=False)
     def readout(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        return F.linear(_ln(x, self.norm, d), _cols(self.wte.weight, d))
+        wte = self.wte.weight
+        return gpt_readout(x, _take(self.norm.weight, d), _take(self.norm.bias, d), _take(wte, wte.shape[0], d),
+                           self.norm.eps)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        cfg = self.subnet
-        return self.readout(self.run_blocks(self.embed(idx, cfg.embed_dim), cfg), cfg.embed_dim)
+
+def vit_embed(x: torch.Tensor, weight, bias, pos, patch_size: int) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, stride=patch_size).flatten(2).transpose(1, 2) + pos
+
+
+def vit_readout(x: torch.Tensor, norm_w, norm_b, head_w, head_b, eps: float) -> torch.Tensor:
+    x = x.mean(1)
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps), head_w, head_b)
+
+
+def gpt_embed(idx: torch.Tensor, wte, wpe) -> torch.Tensor:
+    return F.embedding(idx, wte) + F.embedding(torch.arange(idx.shape[1], device=idx.device), wpe)
+
+
+def gpt_readout(x: torch.Tensor, norm_w, norm_b, wte, eps: float) -> torch.Tensor:
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps), wte)

@@ -10,9 +10,13 @@
 The exported model computes what the supernet computes with that subnet active::
 
     small = export_subnet(supernet, cfg)     # raises if cfg is outside supernet.space
+    save_subnet(supernet, cfg, "subnet.pt")  # plain data: torch.load(..., weights_only=True) reads it
+    small = load_subnet("subnet.pt")
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,47 +94,75 @@ def _copy_blocks(dst_blocks, src: _Elastic, cfg: SubnetConfig) -> None:
         t.mlp.fc2.bias.copy_(s.mlp.fc2.bias[:d])
 
 
-@torch.no_grad()
-def export_vit(src: ElasticViT, cfg: SubnetConfig) -> PlainViT:
-    src.space.check(cfg)
-    d, k = cfg.embed_dim, src.kwargs
-    out = PlainViT(k["img_size"], k["patch_size"], k["in_chans"], k["num_classes"], d, list(cfg.num_heads),
-                   [cfg.hidden(i) for i in range(cfg.depth)], src.space.head_dim)
-    out.patch_embed.weight.copy_(src.patch_embed.weight[:d])
-    out.patch_embed.bias.copy_(src.patch_embed.bias[:d])
-    out.pos_embed.copy_(src.pos_embed[..., :d])
-    out.fc_norm.weight.copy_(src.fc_norm.weight[:d])
-    out.fc_norm.bias.copy_(src.fc_norm.bias[:d])
-    out.head.weight.copy_(src.head.weight[:, :d])
-    out.head.bias.copy_(src.head.bias)
-    _copy_blocks(out.blocks, src, cfg)
-    return out.to(src.pos_embed.device)
-
-
-@torch.no_grad()
-def export_gpt(src: ElasticGPT, cfg: SubnetConfig) -> GPT:
-    src.space.check(cfg)
-    d, hd = cfg.embed_dim, src.space.head_dim
+def plain_model(arch: str, cfg: SubnetConfig, kwargs: dict, head_dim: int) -> nn.Module:
+    """An untrained plain model shaped like subnet ``cfg`` of an ``arch`` ("vit" or "gpt") supernet
+    built with ``kwargs`` (its ``arch_kwargs``) and ``head_dim``."""
+    d = cfg.embed_dim
+    hidden = [cfg.hidden(i) for i in range(cfg.depth)]
+    if arch == "vit":
+        return PlainViT(kwargs["img_size"], kwargs["patch_size"], kwargs["in_chans"], kwargs["num_classes"], d,
+                        list(cfg.num_heads), hidden, head_dim)
     heads0 = cfg.num_heads[0] if d % cfg.num_heads[0] == 0 else 1
-    out = GPT(src.vocab_size, src.block_size, cfg.depth, heads0, d, cfg.hidden(0) / d, 0.0, True)
-    for i, block in enumerate(out.blocks):
-        h, n = cfg.num_heads[i], cfg.hidden(i)
-        if h * hd != d or h != block.attn.num_heads:
-            block.attn = Attention(d, h, hd, causal=True) if h * hd != d else CausalSelfAttention(d, h)
+    out = GPT(kwargs["vocab_size"], kwargs["block_size"], cfg.depth, heads0, d, hidden[0] / d, 0.0, True)
+    for block, h, n in zip(out.blocks, cfg.num_heads, hidden):
+        if h * head_dim != d or h != block.attn.num_heads:
+            block.attn = Attention(d, h, head_dim, causal=True) if h * head_dim != d else CausalSelfAttention(d, h)
         if block.mlp.fc1.out_features != n:
             block.mlp = Mlp(d, n)
-    out.wte.weight.copy_(src.wte.weight[:, :d])
-    out.wpe.weight.copy_(src.wpe.weight[:, :d])
-    out.norm.weight.copy_(src.norm.weight[:d])
-    out.norm.bias.copy_(src.norm.bias[:d])
-    _copy_blocks(out.blocks, src, cfg)
-    return out.to(src.wte.weight.device)
+    return out
+
+
+@torch.no_grad()
+def _copy_ends(dst: nn.Module, src: _Elastic, d: int) -> None:
+    if isinstance(src, ElasticViT):
+        dst.patch_embed.weight.copy_(src.patch_embed.weight[:d])
+        dst.patch_embed.bias.copy_(src.patch_embed.bias[:d])
+        dst.pos_embed.copy_(src.pos_embed[..., :d])
+        dst.fc_norm.weight.copy_(src.fc_norm.weight[:d])
+        dst.fc_norm.bias.copy_(src.fc_norm.bias[:d])
+        dst.head.weight.copy_(src.head.weight[:, :d])
+        dst.head.bias.copy_(src.head.bias)
+    else:
+        dst.wte.weight.copy_(src.wte.weight[:, :d])
+        dst.wpe.weight.copy_(src.wpe.weight[:, :d])
+        dst.norm.weight.copy_(src.norm.weight[:d])
+        dst.norm.bias.copy_(src.norm.bias[:d])
 
 
 def export_subnet(model: _Elastic, cfg: SubnetConfig) -> nn.Module:
     """A plain model with ``cfg``'s sliced weights (PlainViT or the kit's GPT), in eval mode."""
-    if isinstance(model, ElasticGPT):
-        return export_gpt(model, cfg).eval()
-    if isinstance(model, ElasticViT):
-        return export_vit(model, cfg).eval()
-    raise TypeError(f"Expected an ElasticViT or ElasticGPT, got {type(model).__name__}")
+    if not isinstance(model, (ElasticViT, ElasticGPT)):
+        raise TypeError(f"Expected an ElasticViT or ElasticGPT, got {type(model).__name__}")
+    model.space.check(cfg)
+    arch = "vit" if isinstance(model, ElasticViT) else "gpt"
+    out = plain_model(arch, cfg, model.kwargs, model.space.head_dim)
+    _copy_ends(out, model, cfg.embed_dim)
+    _copy_blocks(out.blocks, model, cfg)
+    return out.to(next(model.parameters()).device).eval()
+
+
+FORMAT = "lit_eff.supernet.subnet/1"
+
+
+def save_subnet(model: _Elastic, cfg: SubnetConfig, path: str, **extra: Any) -> nn.Module:
+    """Export ``cfg`` and save it to ``path`` as plain data (loadable with ``weights_only=True``):
+    the architecture, its arguments, the subnet and the state dict. Returns the exported model."""
+    out = export_subnet(model, cfg)
+    torch.save({"format": FORMAT, "arch": "vit" if isinstance(model, ElasticViT) else "gpt",
+                "arch_kwargs": dict(model.kwargs), "head_dim": model.space.head_dim, "config": cfg.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in out.state_dict().items()}, **extra}, path)
+    return out
+
+
+def load_subnet(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The plain model a ``lit-eff search`` run saved (``subnet.pt``), in eval mode::
+
+        model = lit_eff.supernet.load_subnet("search_out/subnet.pt")
+    """
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a subnet saved by `lit-eff search` (expected format {FORMAT!r})")
+    model = plain_model(saved["arch"], SubnetConfig.from_dict(saved["config"]), saved["arch_kwargs"],
+                        saved["head_dim"])
+    model.load_state_dict(saved["state_dict"])
+    return model.to(map_location).eval()

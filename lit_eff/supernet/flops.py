@@ -40,7 +40,7 @@ class SubnetFlops:
         total = self._part(("embed", d), lambda: twin.embed(x, d))
         for i in range(cfg.depth):
             h, hidden = cfg.num_heads[i], cfg.hidden(i)
-            total += self._part(("block", d, h, hidden), lambda: twin.blocks[0](tokens, d, h, hidden))
+            total += self._part(("block", d, h, hidden), lambda: twin.blocks[0](tokens, h, hidden))
         total += self._part(("readout", d), lambda: twin.readout(tokens, d))
         self._cache[cfg] = total
         return total

@@ -3,16 +3,11 @@
 Each step the sampler picks subnets (the sandwich rule by default: largest, smallest, ``k``
 random). The largest learns from labels; the others distil in place from its detached logits
 (KL at ``temperature``, or AlphaNet's adaptive alpha-divergence), mixed with the label loss:
-``distill_weight * KD + (1 - distill_weight) * CE``. ``distill_weight: 1.0`` is pure in-place
-distillation (AttentiveNAS); trained from scratch on digits it stalled the largest subnet near
-chance (docs/techniques/supernet.md), so the default keeps half the label loss. Their weighted losses are summed
-into ONE backward, so under DDP there is one gradient all-reduce per step and the largest
-subnet gives every parameter a gradient (no ``find_unused_parameters``). Every rank trains the
-same subnets: the sampler seeds its decisions from (run seed, global step).
-
-Validation evaluates a fixed set of subnets spread over the FLOPs range and logs
-``supernet/val_acc@<MFLOPs>`` (vision) / ``supernet/val_loss@<MFLOPs>``, ``val/acc`` and
-``val/loss`` of the largest, and an accuracy-vs-FLOPs figure to TensorBoard.
+``distill_weight * KD + (1 - distill_weight) * CE``. The weighted losses are summed into one
+backward, so DDP makes one gradient all-reduce per step and needs no ``find_unused_parameters``;
+every rank trains the same subnets (drawn from the run seed and the step). Validation logs
+``supernet/val_acc@<MFLOPs>`` (vision) or ``supernet/val_loss@<MFLOPs>`` for a fixed set of
+subnets. Details: docs/techniques/supernet.md.
 
 Example::
 
@@ -28,26 +23,31 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_eff.callbacks._checks import check_choice, is_int
+from lit_eff.callbacks.technique import logs_this_step
+from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
+from lit_eff.models.sharding import shard_model
 from lit_eff.seeding import generator
-from lit_eff.supernet.elastic import ElasticGPT, ElasticViT
+from lit_eff.supernet.elastic import ElasticGPT, ElasticViT, _Elastic
 from lit_eff.supernet.export import export_subnet
 from lit_eff.supernet.flops import SubnetFlops
 from lit_eff.supernet.losses import kd_alpha, kd_kl
+from lit_eff.supernet.plot import line_figure
 from lit_eff.supernet.reorganize import reorganize_middle_weights
-from lit_eff.supernet.samplers import PerformanceAware, Sandwich, SubnetSampler
+from lit_eff.supernet.samplers import Draw, PerformanceAware, Sandwich, SubnetSampler
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
+from lit_eff.validation import check_choice, check_fraction, check_int, check_number
 
 DEFAULT_SPACE = {"embed_dim": [32, 48, 64], "depth": [2, 3, 4], "num_heads": [2, 3, 4], "mlp_ratio": [1.0, 1.5, 2.0]}
 
@@ -84,27 +84,30 @@ class SupernetModule(LightningModule):
         warmup: float = 0.05,
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_choice("arch", arch, ("vit", "gpt"))
         check_choice("distill", distill, ("kl", "alpha", "none"))
         check_optim_args(lr, weight_decay, warmup)
-        if temperature <= 0:
-            raise ValueError(f"Expected `temperature` > 0, got temperature={temperature}")
-        if not 0.0 <= distill_weight <= 1.0:
-            raise ValueError(f"Expected `distill_weight` in [0, 1], got distill_weight={distill_weight}")
-        if not alpha_min <= alpha_max:
-            raise ValueError(f"Expected `alpha_min` <= `alpha_max`, got alpha_min={alpha_min}, alpha_max={alpha_max}")
-        if not is_int(val_subnets) or val_subnets < 1:
-            raise ValueError(f"Expected `val_subnets` to be an int >= 1, got val_subnets={val_subnets!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
+        check_number("temperature", temperature, 0.0, low_open=True)
+        check_fraction("distill_weight", distill_weight)
+        check_number("alpha_min", alpha_min)
+        check_number("alpha_max", alpha_max, alpha_min)
+        check_number("alpha_clip", alpha_clip, 0.0, low_open=True)
+        check_int("val_subnets", val_subnets, 1)
+        check_fraction("label_smoothing", label_smoothing, high_open=True)
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(f"Expected `activation_checkpointing` to be true or false, "
+                             f"got activation_checkpointing={activation_checkpointing!r}")
         if sampler is not None and not isinstance(sampler, SubnetSampler):
             raise ValueError(f"Expected `sampler` to be a lit_eff.supernet SubnetSampler, got {type(sampler).__name__}")
         self.save_hyperparameters(ignore=["sampler"])
+        compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.space = SearchSpace.from_dict(space or DEFAULT_SPACE)
         cls = ElasticViT if arch == "vit" else ElasticGPT
         self.model = cls(self.space, **(arch_kwargs or {}))
+        self.model.set_grad_checkpointing(activation_checkpointing)
         self.vision = arch == "vit"
         self.sampler = sampler if sampler is not None else Sandwich(k=2)
         self.flops = SubnetFlops(self.model)
@@ -117,8 +120,13 @@ class SupernetModule(LightningModule):
                                                             for _ in range(n)) for s in ("val", "test")})
 
     # ------------------------------------------------------------------ model
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    @property
+    def elastic(self) -> _Elastic:
+        """The elastic model, also when ``self.model`` was replaced by ``torch.compile(self.model)``."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def forward(self, x: torch.Tensor, subnet: SubnetConfig | None = None) -> torch.Tensor:
+        return self.model(x, subnet)
 
     def subnet_flops(self, cfg: SubnetConfig) -> int:
         """Forward FLOPs of one sample through ``cfg``."""
@@ -126,70 +134,124 @@ class SupernetModule(LightningModule):
 
     def export(self, cfg: SubnetConfig) -> nn.Module:
         """``cfg`` as a plain model (PlainViT or the kit's GPT) with sliced weights."""
-        return export_subnet(self.model, cfg)
+        return export_subnet(self.elastic, cfg)
+
+    def configure_model(self) -> None:
+        shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy: one unit per block
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                label_smoothing=smoothing)
 
-    def _distill(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def _student_loss(self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.hparams
         if h.distill == "alpha":
-            return kd_alpha(student, teacher, h.alpha_min, h.alpha_max, h.alpha_clip)
-        return kd_kl(student, teacher, h.temperature)
+            kd = kd_alpha(logits, teacher, h.alpha_min, h.alpha_max, h.alpha_clip)
+        else:
+            kd = kd_kl(logits, teacher, h.temperature)
+        if h.distill_weight == 1.0:
+            return kd
+        return h.distill_weight * kd + (1.0 - h.distill_weight) * self._ce(logits, labels, h.label_smoothing)
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lit_eff.callbacks.masking import MaskingTechnique
+
+        masking = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, MaskingTechnique)]
+        if masking:
+            raise ValueError(
+                f"SupernetModule does not take weight-sparsity callbacks, got {', '.join(masking)}: every subnet "
+                f"slices the shared weights, and masks over whole weight matrices are not carried into the subnets' "
+                f"FLOPs accounting, `lit-eff search` or export. Remove {', '.join(masking)} from trainer.callbacks")
+        strategy = self.trainer.strategy
+        supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy)
+        if not supported or isinstance(strategy, DeepSpeedStrategy):
+            raise ValueError(f"SupernetModule runs on a single device, DDP or FSDP2 (ModelParallelStrategy), got "
+                             f"strategy {type(strategy).__name__}")
+
     def on_train_start(self) -> None:
         self.sampler.bind(self.space, self.flops, self.trainer.estimated_stepping_batches)
         self._reorganized_at: int | None = None
 
-    def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        unsharded = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(
-            strategy, DeepSpeedStrategy)
-        if stage == "fit" and getattr(self.sampler, "reorganize", False) and not unsharded:
-            raise ValueError(f"DelayedShrinking(reorganize=True) permutes whole weight matrices, which needs every "
-                             f"parameter unsharded on each rank; got strategy {type(strategy).__name__}. "
-                             f"Use a single device or DDP, or set reorganize: false")
+    def flops_key(self) -> Hashable:
+        """The subnets the next training step runs (for FlopsMonitor, read before the step)."""
+        if getattr(self.sampler, "space", None) is None:  # not bound: no training step coming
+            return None
+        return tuple(draw.config for draw in self.sampler.sample(self.global_step))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.sampler.reorganize_step()
         if step == self.global_step and self._reorganized_at != step:  # once, before the step's first micro-batch
-            reorganize_middle_weights(self.model, self.trainer.optimizers[0] if self.trainer.optimizers else None)
+            reorganize_middle_weights(self.elastic, self.trainer.optimizers[0] if self.trainer.optimizers else None)
             self._reorganized_at = step
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        draws = self.sampler.sample(self.global_step)
-        total, teacher, ce = 0.0, None, []
+        return self._train_subnets(x, y)
+
+    @torch.compiler.disable(recursive=False)  # Python over the step's subnets; their forwards compile
+    def _train_subnets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        draws, distill = self._plan()
+        total, teacher, scores = 0.0, None, []
         for draw in draws:
-            self.model.subnet = draw.config
-            logits = self.model(x)
+            logits = self.model(x, draw.config)
             if draw.role == "max":
                 loss = self._ce(logits, y, self.hparams.label_smoothing)
                 teacher = logits.detach()
-                self.log("supernet/train_loss_max", loss.detach(), batch_size=len(x))
-            elif teacher is not None and self.hparams.distill != "none":
-                w = self.hparams.distill_weight
-                loss = w * self._distill(logits, teacher)
-                if w < 1.0:
-                    loss = loss + (1.0 - w) * self._ce(logits, y, self.hparams.label_smoothing)
+            elif teacher is not None and distill:
+                loss = self._student_loss(logits, teacher, y)
             else:
                 loss = self._ce(logits, y, self.hparams.label_smoothing)
             total = total + draw.weight * loss
-            ce.append(self._ce(logits.detach(), y) if draw.role != "max" else loss.detach())
-        if teacher is None:  # no largest subnet this step: give every parameter a (zero) gradient for DDP
+            scores.append(loss.detach() if draw.role == "max" else self._ce(logits.detach(), y))
+        return self._finish_step(total, draws, scores, teacher is None, len(x))
+
+    @torch.compiler.disable
+    def _plan(self) -> tuple[list[Draw], bool]:
+        return self.sampler.sample(self.global_step), self.hparams.distill != "none"
+
+    @torch.compiler.disable
+    def _finish_step(self, total: torch.Tensor, draws: list[Draw], scores: list[torch.Tensor], no_teacher: bool,
+                     batch_size: int) -> torch.Tensor:
+        trainer = self._attached_trainer()
+        if no_teacher and not self._sharded():
+            # DDP: give every parameter a (zero) gradient, as the largest subnet would
             total = total + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters())
-        self.model.subnet = self.space.max()
         if isinstance(self.sampler, PerformanceAware):
-            losses = self.trainer.strategy.reduce(torch.stack(ce).float(), reduce_op="mean")
+            losses = torch.stack(scores).float()
+            if trainer is not None:
+                losses = trainer.strategy.reduce(losses, reduce_op="mean")
             self.sampler.observe(self.global_step, draws, losses.tolist())
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=len(x))
-        self.log("supernet/subnets_per_step", float(len(draws)), batch_size=len(x))
-        self.log("supernet/train_flops_per_sample", float(sum(self.flops(d.config) for d in draws)), batch_size=len(x))
-        if hasattr(self.sampler, "bucket"):
-            self.log("supernet/bucket", float(self.sampler.bucket), batch_size=len(x))
+        if trainer is None:  # a bare call (benchmarks, tests)
+            return total
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        if logs_this_step(trainer):
+            if draws[0].role == "max":
+                self.log("supernet/train_loss_max", scores[0], batch_size=batch_size)
+            self.log("supernet/subnets_per_step", float(len(draws)), batch_size=batch_size)
+            self.log("supernet/train_flops_per_sample", float(sum(self.flops(d.config) for d in draws)),
+                     batch_size=batch_size)
+            if hasattr(self.sampler, "bucket"):
+                self.log("supernet/bucket", float(self.sampler.bucket), batch_size=batch_size)
         return total
+
+    def _attached_trainer(self):
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
+
+    def _sharded(self) -> bool:
+        trainer = self._attached_trainer()
+        return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._sharded():  # FSDP2: the zero gradients DDP gets from the (zero) touch above
+            for p in self.model.parameters():
+                if p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["supernet_sampler"] = {"class": type(self.sampler).__name__, "state": self.sampler.state_dict()}
@@ -200,15 +262,17 @@ class SupernetModule(LightningModule):
             self.sampler.load_state_dict(saved["state"])
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch, stage: str) -> None:
-        x, y = batch
+    @torch.compiler.disable(recursive=False)  # Python over the fixed subnets; their forwards compile
+    def _eval_step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> None:
         for i, cfg in enumerate(self.val_configs):
-            self.model.subnet = cfg
-            logits = self.model(x).float()
-            self.eval_loss[stage][i].update(self._ce(logits, y), weight=y.numel())
-            if self.vision:
-                self.eval_acc[stage][i].update(logits, y)
-        self.model.subnet = self.space.max()
+            self._update_metrics(stage, i, self.model(x, cfg), y)
+
+    @torch.compiler.disable
+    def _update_metrics(self, stage: str, i: int, logits: torch.Tensor, y: torch.Tensor) -> None:
+        logits = logits.float()
+        self.eval_loss[stage][i].update(self._ce(logits, y), weight=y.numel())
+        if self.vision:
+            self.eval_acc[stage][i].update(logits, y)
 
     def _eval_epoch_end(self, stage: str) -> None:
         points = []
@@ -228,34 +292,19 @@ class SupernetModule(LightningModule):
         self.log(f"{stage}/{metric}_min", points[0][1])
         if not self.vision:
             self.log(f"{stage}/bpb", points[-1][1] / math.log(2))
-        self._log_figure(stage, metric, points)
-
-    def _log_figure(self, stage: str, metric: str, points: list[tuple[float, float]]) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if not self.trainer.is_global_zero or not hasattr(experiment, "add_figure"):
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4, 3))
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-        ax.set_xlabel("MFLOPs per sample (forward)")
-        ax.set_ylabel(f"{stage} {metric}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        experiment.add_figure(f"supernet/{stage}_{metric}_vs_flops", fig, self.global_step)
-        plt.close(fig)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            fig = line_figure(points, "MFLOPs per sample (forward)", f"{stage} {metric}")
+            experiment.add_figure(f"supernet/{stage}_{metric}_vs_flops", fig, self.global_step, close=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(*batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(*batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

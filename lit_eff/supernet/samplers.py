@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from lit_eff.callbacks._checks import is_int, is_number
 from lit_eff.seeding import generator, run_seed
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
+from lit_eff.validation import check_fraction, check_int, check_number
 
 
 @dataclass
@@ -36,8 +36,7 @@ class Draw:
 
 
 def _check_k(k: Any) -> None:
-    if not is_int(k) or k < 0:
-        raise ValueError(f"Expected `k` (random subnets per step) to be an int >= 0, got k={k!r}")
+    check_int("k", k, 0)
 
 
 class SubnetSampler:
@@ -49,6 +48,7 @@ class SubnetSampler:
 
     def bind(self, space: SearchSpace, flops, total_steps: int) -> None:
         self.space, self.flops, self.total_steps = space, flops, max(1, int(total_steps))
+        self._cached = None
 
     def generator(self, step: int, what: str = "") -> torch.Generator:
         return generator(run_seed(), step, "supernet", type(self).__name__, what)
@@ -121,11 +121,9 @@ class ComplexityAware(SubnetSampler):
     def __init__(self, num_buckets: int = 4, k: int = 2, include_max: bool = True, include_min: bool = True,
                  tries: int = 64) -> None:
         super().__init__()
-        if not is_int(num_buckets) or num_buckets < 1:
-            raise ValueError(f"Expected `num_buckets` to be an int >= 1, got num_buckets={num_buckets!r}")
+        check_int("num_buckets", num_buckets, 1)
         _check_k(k)
-        if not is_int(tries) or tries < 1:
-            raise ValueError(f"Expected `tries` to be an int >= 1, got tries={tries!r}")
+        check_int("tries", tries, 1)
         self.num_buckets, self.k, self.include_max, self.include_min, self.tries = (
             num_buckets, k, include_max, include_min, tries)
         self.bucket, self._last_step = 0, None
@@ -192,12 +190,9 @@ class PerformanceAware(ComplexityAware):
     def __init__(self, num_buckets: int = 4, k: int = 2, q: float = 0.2, capacity: int = 16, candidates: int = 5,
                  include_max: bool = True, include_min: bool = True, tries: int = 64) -> None:
         super().__init__(num_buckets, k, include_max, include_min, tries)
-        if not is_number(q) or not 0.0 <= q <= 1.0:
-            raise ValueError(f"Expected `q` in [0, 1], got q={q!r}")
-        if not is_int(capacity) or capacity < 1:
-            raise ValueError(f"Expected `capacity` to be an int >= 1, got capacity={capacity!r}")
-        if not is_int(candidates) or candidates < 1:
-            raise ValueError(f"Expected `candidates` to be an int >= 1, got candidates={candidates!r}")
+        check_fraction("q", q)
+        check_int("capacity", capacity, 1)
+        check_int("candidates", candidates, 1)
         self.q, self.capacity, self.candidates = float(q), capacity, candidates
         self.banks: list[list[tuple[SubnetConfig, float]]] = [[] for _ in range(num_buckets)]
 
@@ -268,14 +263,13 @@ class DelayedShrinking(SubnetSampler):
     def __init__(self, start_fraction: float = 0.5, warmup_fraction: float = 0.05, k: int = 2,
                  multiplier: float = 1.0, reorganize: bool = True) -> None:
         super().__init__()
-        if not is_number(start_fraction) or not 0.0 <= start_fraction < 1.0:
-            raise ValueError(f"Expected `start_fraction` in [0, 1), got start_fraction={start_fraction!r}")
-        if not is_number(warmup_fraction) or not 0.0 <= warmup_fraction <= 1.0 - start_fraction:
+        check_fraction("start_fraction", start_fraction, high_open=True)
+        check_fraction("warmup_fraction", warmup_fraction)
+        if warmup_fraction > 1.0 - start_fraction:
             raise ValueError(f"Expected `warmup_fraction` in [0, 1 - start_fraction], got "
                              f"warmup_fraction={warmup_fraction!r}, start_fraction={start_fraction!r}")
         _check_k(k)
-        if not is_number(multiplier) or multiplier <= 0:
-            raise ValueError(f"Expected `multiplier` > 0, got multiplier={multiplier!r}")
+        check_number("multiplier", multiplier, 0.0, low_open=True)
         if not isinstance(reorganize, bool):
             raise ValueError(f"Expected `reorganize` to be true or false, got reorganize={reorganize!r}")
         self.start_fraction, self.warmup_fraction, self.k, self.multiplier = (

@@ -1,26 +1,34 @@
-"""Find the best subnet under a FLOPs budget on validation data, export it, plot the Pareto front.
+"""Find the best subnet of a trained supernet under a FLOPs budget on validation data, export it
+and plot the Pareto front.
 
-    python -m lit_eff.supernet.search --ckpt lightning_logs/version_0/checkpoints/last.ckpt \\
-        --budget-mflops 2.0 --method evolution --out search_out
-    lit-eff search --ckpt ... --budget-mflops 2.0      # the same
+    lit-eff search --ckpt lightning_logs/version_0/checkpoints/last.ckpt --budget-mflops 2.0 --out search_out
 
-Writes ``search_out/search.json`` (every evaluated subnet: config, MFLOPs, metric),
-``search_out/pareto.png`` and ``search_out/subnet.pt`` (the exported plain model, its config and
-state dict). Vision subnets are ranked by accuracy, language subnets by loss (lower is better).
-Candidates are drawn from ``lit_eff.seeding.generator(seed, "supernet-search", ...)``.
+Writes ``search_out/subnet.pt`` (the chosen subnet as plain data; load it with
+``lit_eff.supernet.load_subnet("search_out/subnet.pt")``), ``search_out/search.json`` (every
+evaluated subnet: name, config, MFLOPs, metric) and ``search_out/pareto.png``. Subnets are named
+``width 48 · depth 2 · heads 2,4 · mlp 2,1.5`` (heads and MLP ratios per block). Vision subnets
+are ranked by accuracy, language subnets by loss (lower is better). Candidates are drawn from
+``lit_eff.seeding.generator(seed, "supernet-search", ...)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
+import pickle
+import re
+import sys
+import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lit_eff.seeding import generator
+from lit_eff.supernet.export import save_subnet
 from lit_eff.supernet.space import SubnetConfig
 
 
@@ -35,25 +43,23 @@ def _check_budget(module, budget: float) -> None:
     smallest = module.subnet_flops(module.space.min())
     if budget < smallest:
         raise ValueError(f"Expected a FLOPs budget of at least the smallest subnet's {smallest / 1e6:.4g} MFLOPs "
-                         f"({module.space.min().short()}), got budget={budget / 1e6:.4g} MFLOPs")
+                         f"({module.space.min()}), got budget={budget / 1e6:.4g} MFLOPs")
 
 
 @torch.no_grad()
 def evaluate(module, cfg: SubnetConfig, batches: list) -> float:
     """Accuracy (vision) or mean loss (language) of ``cfg`` over ``batches``."""
-    was_training, previous = module.training, module.model.subnet
+    was_training = module.training
     module.eval()
-    module.model.subnet = cfg
     hits = loss = count = 0.0
     for x, y in batches:
-        logits = module.model(x.to(module.device)).float()
+        logits = module.model(x.to(module.device), cfg).float()
         y = y.to(module.device)
         if module.vision:
             hits += float((logits.argmax(-1) == y).sum())
         else:
             loss += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
         count += y.numel()
-    module.model.subnet = previous
     module.train(was_training)
     return (hits if module.vision else loss) / count
 
@@ -153,12 +159,9 @@ def pareto_front(results: list[Result], higher_is_better: bool) -> list[Result]:
 
 
 def plot_pareto(results: list[Result], best: Result, budget_flops: float, path: str, vision: bool) -> None:
-    import matplotlib
+    from lit_eff.supernet.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = figure(5, 3.5)
     ax.scatter([r.flops / 1e6 for r in results], [r.metric for r in results], s=12, alpha=0.5, label="evaluated")
     front = pareto_front(results, vision)
     ax.plot([r.flops / 1e6 for r in front], [r.metric for r in front], "r.-", label="Pareto front")
@@ -170,7 +173,6 @@ def plot_pareto(results: list[Result], best: Result, budget_flops: float, path: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _datamodule(module, batch_size: int):
@@ -181,46 +183,125 @@ def _datamodule(module, batch_size: int):
     return TextDataModule(block_size=module.model.block_size, batch_size=batch_size)
 
 
+class SearchInputError(ValueError):
+    """A bad argument or checkpoint, found before any work."""
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.budget_mflops) or args.budget_mflops <= 0:
+        raise SearchInputError(f"Expected `--budget-mflops` to be a positive, finite number of MFLOPs, "
+                               f"got {args.budget_mflops}")
+    for name, low in (("batches", 1), ("batch_size", 1), ("candidates", 1), ("population", 2)):
+        if getattr(args, name) < low:
+            raise SearchInputError(f"Expected `--{name.replace('_', '-')}` >= {low}, got {getattr(args, name)}")
+
+
+def load_supernet(path: str):
+    """The SupernetModule of a checkpoint file, or a :class:`SearchInputError` naming the file and
+    what is wrong with it."""
+    from lit_eff.supernet.module import SupernetModule
+
+    if not os.path.exists(path):
+        raise SearchInputError(f"Checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise SearchInputError(f"Checkpoint {path} is a folder; pass a checkpoint file (FSDP2 writes a folder unless "
+                               f"ModelParallelStrategy(save_distributed_checkpoint=False))")
+    if os.path.getsize(path) == 0:
+        raise SearchInputError(f"Checkpoint {path} is empty")
+    if not zipfile.is_zipfile(path):
+        raise SearchInputError(f"Checkpoint {path} is not a complete PyTorch checkpoint (truncated, or not written "
+                               f"by torch.save)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error: (.*?)\n\n", str(error), re.S)
+        raise SearchInputError(f"Checkpoint {path} holds objects other than tensors and plain data, which "
+                               f"torch.load(weights_only=True) does not load"
+                               + (f": {found.group(1).strip()}" if found else "")) from None
+    except Exception as error:  # a damaged archive
+        raise SearchInputError(f"Checkpoint {path} is damaged: {type(error).__name__}: {error}") from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise SearchInputError(f"Checkpoint {path} is not a Lightning checkpoint (no `state_dict`)")
+    if "supernet_sampler" not in ckpt or "space" not in hparams:
+        what = hparams.get("_class_path") or "hyperparameters: " + (", ".join(sorted(hparams)[:6]) or "none")
+        raise SearchInputError(f"Checkpoint {path} is not a SupernetModule checkpoint ({what}); `lit-eff search` "
+                               f"needs a checkpoint of `lit-eff fit` with lit_eff.supernet.SupernetModule")
+    names = inspect.signature(SupernetModule.__init__).parameters
+    module = SupernetModule(**{k: v for k, v in hparams.items() if k in names})
+    module.load_state_dict(ckpt["state_dict"])
+    return module
+
+
 def cli(argv: list[str] | None = None) -> None:
-    """``lit-eff search --ckpt CKPT --budget-mflops X [options]`` (exit status 0)."""
-    run(argv)
+    """``lit-eff search --ckpt CKPT --budget-mflops X [options]``; a bad argument or checkpoint
+    prints one line and exits with status 2."""
+    try:
+        run(argv)
+    except SearchInputError as error:
+        print(f"lit-eff search: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lit-eff search", description=__doc__.split("\n\n")[0],
+        epilog="Writes OUT/subnet.pt (load it with lit_eff.supernet.load_subnet('OUT/subnet.pt')), OUT/search.json "
+               "and OUT/pareto.png. Subnets are named 'width 48 · depth 2 · heads 2,4 · mlp 2,1.5' (heads and MLP "
+               "ratios per block).")
+    p.add_argument("--ckpt", required=True, metavar="FILE",
+                   help="a checkpoint of a SupernetModule run (e.g. .../checkpoints/last.ckpt)")
+    p.add_argument("--budget-mflops", type=float, required=True, metavar="MFLOPS",
+                   help="the most forward MFLOPs per sample (one image, one sequence) the chosen subnet may cost")
+    p.add_argument("--method", choices=["evolution", "random"], default="evolution",
+                   help="evolution: a random population, then crossover and mutation of the best half; "
+                        "random: random subnets under the budget (default: %(default)s)")
+    p.add_argument("--candidates", type=int, metavar="N", default=48,
+                   help="subnets to evaluate in all (default: %(default)s)")
+    p.add_argument("--population", type=int, metavar="N", default=12,
+                   help="evolution: subnets per generation (default: %(default)s)")
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of the candidate draws (default: %(default)s)")
+    p.add_argument("--batches", type=int, metavar="N", default=8,
+                   help="validation batches each candidate is scored on (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, metavar="N", default=128,
+                   help="validation batch size (default: %(default)s)")
+    p.add_argument("--out", default="search_out", metavar="OUT",
+                   help="folder for subnet.pt, search.json and pareto.png (default: %(default)s)")
+    return p
 
 
 def run(argv: list[str] | None = None) -> Result:
-    """The search command; returns the chosen subnet."""
-    parser = argparse.ArgumentParser(prog="lit-eff search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a SupernetModule checkpoint")
-    parser.add_argument("--budget-mflops", type=float, required=True, help="forward MFLOPs per sample")
-    parser.add_argument("--method", choices=["evolution", "random"], default="evolution")
-    parser.add_argument("--candidates", type=int, default=48)
-    parser.add_argument("--population", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batches", type=int, default=8, help="validation batches per candidate")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default="search_out")
-    args = parser.parse_args(argv)
-    from lit_eff.supernet.module import SupernetModule
-
-    module = SupernetModule.load_from_checkpoint(args.ckpt, map_location="cpu")
-    _check_budget(module, args.budget_mflops * 1e6)
+    """The search command; returns the chosen subnet. Bad input raises :class:`SearchInputError`."""
+    args = parser().parse_args(argv)
+    _check_args(args)
+    module = load_supernet(args.ckpt)
+    budget = args.budget_mflops * 1e6
+    try:
+        _check_budget(module, budget)
+    except ValueError as error:
+        raise SearchInputError(str(error)) from None
     dm = _datamodule(module, args.batch_size)
     dm.setup("fit")
     batches = [b for _, b in zip(range(args.batches), dm.val_dataloader())]
-    best, results = search(module, batches, args.budget_mflops * 1e6, args.method, args.candidates,
-                           args.population, args.seed)
+    best, results = search(module, batches, budget, args.method, args.candidates, args.population, args.seed)
     os.makedirs(args.out, exist_ok=True)
-    exported = module.export(best.config)
-    torch.save({"config": best.config.to_dict(), "arch": module.hparams.arch, "model": exported,
-                "state_dict": exported.state_dict()}, os.path.join(args.out, "subnet.pt"))
+    path = os.path.join(args.out, "subnet.pt")
+    save_subnet(module.elastic, best.config, path, name=str(best.config), mflops=best.flops / 1e6,
+                metric=best.metric, ckpt=os.path.abspath(args.ckpt))
+
+    def entry(r: Result) -> dict:
+        return {"name": str(r.config), **r.config.to_dict(), "mflops": r.flops / 1e6, "metric": r.metric}
+
     with open(os.path.join(args.out, "search.json"), "w") as f:
         json.dump({"ckpt": args.ckpt, "budget_mflops": args.budget_mflops, "method": args.method, "seed": args.seed,
-                   "best": {**best.config.to_dict(), "mflops": best.flops / 1e6, "metric": best.metric},
-                   "evaluated": [{**r.config.to_dict(), "mflops": r.flops / 1e6, "metric": r.metric}
-                                 for r in results]}, f, indent=1)
-    plot_pareto(results, best, args.budget_mflops * 1e6, os.path.join(args.out, "pareto.png"), module.vision)
+                   "metric": "val_acc" if module.vision else "val_loss", "best": entry(best),
+                   "evaluated": [entry(r) for r in results]}, f, indent=1, ensure_ascii=False)
+    plot_pareto(results, best, budget, os.path.join(args.out, "pareto.png"), module.vision)
     name = "acc" if module.vision else "loss"
-    print(f"best under {args.budget_mflops:g} MFLOPs: {best.config.short()} at {best.flops / 1e6:.3f} MFLOPs, "
-          f"val {name} {best.metric:.4f} ({len(results)} subnets evaluated); wrote {args.out}/")
+    print(f"best under {args.budget_mflops:g} MFLOPs: {best.config} at {best.flops / 1e6:.3f} MFLOPs, "
+          f"val {name} {best.metric:.4f} ({len(results)} subnets evaluated)\n"
+          f"wrote {args.out}/; load the subnet with lit_eff.supernet.load_subnet({path!r})")
     return best
 
 

@@ -47,9 +47,10 @@ class SubnetConfig:
     def from_dict(cls, d: dict[str, Any]) -> SubnetConfig:
         return cls(int(d["embed_dim"]), int(d["depth"]), tuple(d["num_heads"]), tuple(d["mlp_ratio"]))
 
-    def short(self) -> str:
-        return (f"d{self.embed_dim}-L{self.depth}-h{''.join(map(str, self.num_heads))}"
-                f"-r{'/'.join(f'{r:g}' for r in self.mlp_ratio)}")
+    def __str__(self) -> str:
+        """``width 48 · depth 2 · heads 2,4 · mlp 2,1.5``: per-block heads and MLP ratios in block order."""
+        return (f"width {self.embed_dim} · depth {self.depth} · heads {','.join(map(str, self.num_heads))} · "
+                f"mlp {','.join(f'{r:g}' for r in self.mlp_ratio)}")
 
 
 def _choices(name: str, value: Any) -> list:
@@ -135,7 +136,7 @@ class SearchSpace:
         if any(r not in self.mlp_ratio for r in cfg.mlp_ratio):
             bad.append(f"mlp_ratio={list(cfg.mlp_ratio)} not all in {self.mlp_ratio}")
         if bad:
-            raise ValueError(f"Expected a subnet inside the search space, got {cfg.short()}: {'; '.join(bad)}")
+            raise ValueError(f"Expected a subnet inside the search space, got {cfg}: {'; '.join(bad)}")
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.to_dict()}, head_dim={self.head_dim})"

@@ -103,16 +103,17 @@ def test_reorganize_flag_is_checked():
         DelayedShrinking(reorganize="yes")
 
 
-def test_reorganize_refuses_sharded_strategies():
-    """FSDP needs a GPU in Lightning, so the check runs against a stand-in trainer."""
+def test_strategy_checks():
+    """FSDP1 is refused (FSDP2, ModelParallelStrategy, is supported: tests/supernet/test_fsdp2.py).
+    Checked against a stand-in trainer: Lightning's FSDP1 needs a GPU."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     module = tiny_supernet("vit", sampler=DelayedShrinking())
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=r"needs every parameter unsharded .* got strategy FSDPStrategy\. .*"
-                                         r"set reorganize: false"):
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
+    with pytest.raises(ValueError, match=r"SupernetModule runs on a single device, DDP or FSDP2 "
+                                         r"\(ModelParallelStrategy\), got strategy FSDPStrategy"):
         module.setup("fit")
-    module.sampler.reorganize = False
-    module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[])
+    module.setup("fit")  # reorganization included

@@ -80,11 +80,11 @@ def test_uniform_has_no_teacher():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Sandwich(k=-1), r"Expected `k` \(random subnets per step\) to be an int >= 0, got k=-1"),
+    (lambda: Sandwich(k=-1), r"Expected `k` to be an integer >= 0, got k=-1"),
     (lambda: Uniform(k=0), r"Expected `k` >= 1 or `include_max`=True"),
-    (lambda: ComplexityAware(num_buckets=0), r"Expected `num_buckets` to be an int >= 1, got num_buckets=0"),
+    (lambda: ComplexityAware(num_buckets=0), r"Expected `num_buckets` to be an integer >= 1, got num_buckets=0"),
     (lambda: PerformanceAware(q=1.5), r"Expected `q` in \[0, 1\], got q=1.5"),
-    (lambda: PerformanceAware(capacity=0), r"Expected `capacity` to be an int >= 1"),
+    (lambda: PerformanceAware(capacity=0), r"Expected `capacity` to be an integer >= 1"),
     (lambda: DelayedShrinking(start_fraction=1.0), r"Expected `start_fraction` in \[0, 1\), got start_fraction=1.0"),
     (lambda: DelayedShrinking(start_fraction=0.9, warmup_fraction=0.2), r"Expected `warmup_fraction` in \[0, 1 - start_fraction\]"),
 ])
