@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_eff.models.naming import compile_agnostic_state_dict
@@ -82,8 +83,11 @@ class ImageClassifier(LightningModule):
                 raise ValueError(f"Expected a timm model with `set_grad_checkpointing` for activation_checkpointing=True, "
                                  f"got {type(self.model).__name__}")
             self.model.set_grad_checkpointing(True)
+        # metric objects: summed over every process's samples (DDP) before they are read
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         if init_weights is not None:
             load_weights(self, init_weights)
 
@@ -96,18 +100,20 @@ class ImageClassifier(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         return loss
 
-    def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
+    def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", batch_size=len(labels))
-        metric.update(logits, labels)
-        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(labels))
+        loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        acc.update(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, prog_bar=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
+        self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
