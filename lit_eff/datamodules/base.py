@@ -32,6 +32,11 @@ class KitDataModule(LightningDataModule):
     restores a loader's state only when it creates the loader after restoring the loops, which is
     not the case when ``trainer.estimated_stepping_batches`` is read earlier (``configure_optimizers``
     with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next.
+
+    Subclasses save their hyper-parameters with ``logger=False``: Lightning refuses to log a
+    model's and a datamodule's hyper-parameters that share a name with different values, which
+    would refuse valid pairings (a 256-token model on 128-token sequences); the run's
+    ``config.yaml`` holds them.
     """
 
     def __init__(self, batch_size: int, num_workers: int = 0, seed: int | None = None) -> None:

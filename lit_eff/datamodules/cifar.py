@@ -43,7 +43,7 @@ class CIFAR10DataModule(KitDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         check_fraction("val_fraction", val_fraction)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.data_dir, self.download = os.path.expanduser(data_dir), download
         self.val_fraction, self.split_seed = val_fraction, split_seed
         if not download and not self._present():

@@ -42,7 +42,7 @@ class DigitsDataModule(KitDataModule):
         check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
         if max_shift < 0:
             raise ValueError(f"Expected `max_shift` >= 0, got max_shift={max_shift}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_shift, self.split_seed = max_shift, split_seed
 

@@ -15,6 +15,18 @@ _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
 
 
+def read_image(path: str):
+    """An RGB PIL image, or an error naming the file (read lazily, when its batch is loaded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # noqa: BLE001  PIL raises many kinds for a bad file
+        raise ValueError(f"ImageFolderDataModule: cannot read image {path}: {err}. Remove or replace the file") \
+            from None
+
+
 class ImageFolderDataModule(KitDataModule):
     """Images under ``root/<class>/*.png|jpg...``, or ``root/train``, ``root/val`` and
     ``root/test`` each laid out that way. Without split folders, ``root`` is split with
@@ -27,7 +39,11 @@ class ImageFolderDataModule(KitDataModule):
         data:
           class_path: lit_eff.datamodules.ImageFolderDataModule
           init_args: {root: /data/flowers, image_size: 64, batch_size: 64, num_workers: 4}
+
+    A file that cannot be read as an image stops training with an error naming it.
     """
+
+    in_chans = 3
 
     def __init__(
         self,
@@ -45,7 +61,7 @@ class ImageFolderDataModule(KitDataModule):
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
         check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.root = os.path.expanduser(root)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"ImageFolderDataModule: `root`={root!r} is not a folder")
@@ -63,7 +79,7 @@ class ImageFolderDataModule(KitDataModule):
             transforms.PILToTensor(),
         ])
         try:
-            return ImageFolder(path, transform=transform)
+            return ImageFolder(path, transform=transform, loader=read_image)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"ImageFolderDataModule: {path!r} holds no images in class folders ({err}). Expected "

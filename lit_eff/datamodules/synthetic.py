@@ -32,7 +32,7 @@ class SyntheticImageDataModule(KitDataModule):
         for name, value in [("image_size", image_size), ("in_chans", in_chans), ("num_classes", num_classes),
                             ("num_samples", num_samples), ("num_eval_samples", num_eval_samples)]:
             check_positive(name, value)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
         self.num_samples, self.num_eval_samples = num_samples, num_eval_samples
 

@@ -61,7 +61,7 @@ class TextDataModule(KitDataModule):
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
         check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.path, self.block_size = path, block_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.files: list[str] = []

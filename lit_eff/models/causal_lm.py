@@ -14,6 +14,7 @@ from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
+from lit_eff.runs.resume import check_resume_state
 
 
 class CausalLM(LightningModule):
@@ -98,6 +99,22 @@ class CausalLM(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_loss, "test")
+
+    def setup(self, stage: str) -> None:
+        """The data's sequences and tokens must fit the model (checked before the model summary): a
+        ``block_size`` up to the model's, a vocabulary no larger than the model's."""
+        data, model = self.trainer.datamodule, self.model
+        block, vocab = getattr(data, "block_size", None), getattr(data, "vocab_size", None)
+        if isinstance(block, int) and block > model.block_size:
+            raise ValueError(f"{type(data).__name__} cuts sequences of `block_size`={block} tokens, longer than the "
+                             f"model's `block_size`={model.block_size} (its positions); set --data.init_args.block_size "
+                             f"{model.block_size} or --model.init_args.block_size {block}")
+        if isinstance(vocab, int) and vocab > model.vocab_size:
+            raise ValueError(f"{type(data).__name__} has a vocabulary of {vocab} tokens, more than the model's "
+                             f"`vocab_size`={model.vocab_size}; set --model.init_args.vocab_size {vocab}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_state(self, checkpoint)  # another technique stack: say so, not lists of keys
 
     def configure_model(self) -> None:
         shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise

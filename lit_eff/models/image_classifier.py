@@ -16,6 +16,7 @@ from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
+from lit_eff.runs.resume import check_resume_state
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -117,6 +118,20 @@ class ImageClassifier(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
+
+    def setup(self, stage: str) -> None:
+        """The data must fit the model's head and input channels (checked before the model summary)."""
+        data = self.trainer.datamodule
+        for name, wanted in (("num_classes", self.hparams.num_classes), ("in_chans", self.hparams.in_chans)):
+            given = getattr(data, name, None)
+            if isinstance(given, int) and not isinstance(given, bool) and (
+                    given > wanted if name == "num_classes" else given != wanted):
+                what = "classes, more than" if name == "num_classes" else "image channels, but"
+                raise ValueError(f"{type(data).__name__} has {given} {what} the model's `{name}`={wanted}; "
+                                 f"set --model.init_args.{name} {given}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_state(self, checkpoint)  # another technique stack: say so, not lists of keys
 
     def configure_model(self) -> None:
         shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise
