@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 
@@ -150,6 +151,7 @@ class LitEffCLI(LightningCLI):
         problem = model_mismatch(path, config.get("model"), self.checkpoint.get("hyper_parameters") or {})
         if problem:
             raise CLIError(problem)
+        config["ckpt_path"] = os.path.abspath(path)  # config.yaml records where the run resumed from (report)
 
     def instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
