@@ -23,9 +23,11 @@ class CausalLM(LightningModule):
     Logs ``train/loss``, ``val/loss``, ``val/bpb`` (bits per token: bits per byte for the byte
     vocabulary), ``val/ppl`` and the same for test. :meth:`generate` samples text.
 
-    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
-    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
-    dense fine-tune, docs/techniques/spdf.md).
+    ``init_weights``: weights to start from (fine-tuning): a Lightning ``.ckpt`` of another run, a
+    ``torch.save`` state dict (e.g. a timm model's) or a ``.safetensors`` file; key prefixes are
+    matched, lit_eff masks hardened (a sparse run's pruned weights start at exactly 0).
+    ``init_weights_skip``: globs of keys left at their initial values, e.g. ``["model.head.*"]``
+    for a new head; without it every tensor must fit (:mod:`lit_eff.models.weights`).
 
     ``activation_checkpointing``: recompute each block's activations in backward instead of
     storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
@@ -53,18 +55,20 @@ class CausalLM(LightningModule):
         warmup: float = 0.05,
         min_lr_factor: float = 0.1,
         init_weights: str | None = None,
+        init_weights_skip: list[str] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
-        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
+        # a loaded checkpoint already holds the weights
+        self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
         self.model.set_grad_checkpointing(activation_checkpointing)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
-            load_weights(self, init_weights)
+            load_weights(self, init_weights, skip=init_weights_skip)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -35,9 +35,11 @@ class ImageClassifier(LightningModule):
     decay per step; LightningCLI's ``--optimizer``/``--lr_scheduler`` replace it. Logs
     ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
-    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
-    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
-    dense fine-tune, docs/techniques/spdf.md).
+    ``init_weights``: weights to start from (fine-tuning): a Lightning ``.ckpt`` of another run, a
+    ``torch.save`` state dict (e.g. a timm model's) or a ``.safetensors`` file; key prefixes are
+    matched, lit_eff masks hardened (a sparse run's pruned weights start at exactly 0).
+    ``init_weights_skip``: globs of keys left at their initial values, e.g. ``["model.head.*"]``
+    for a new head; without it every tensor must fit (:mod:`lit_eff.models.weights`).
 
     ``activation_checkpointing``: recompute each block's activations in backward instead of
     storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
@@ -67,6 +69,7 @@ class ImageClassifier(LightningModule):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         init_weights: str | None = None,
+        init_weights_skip: list[str] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -76,7 +79,8 @@ class ImageClassifier(LightningModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
-        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
+        # a loaded checkpoint already holds the weights
+        self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
         self.model = create_timm_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        in_chans=in_chans, **(model_kwargs or {}))
         if activation_checkpointing:
@@ -90,7 +94,7 @@ class ImageClassifier(LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
-            load_weights(self, init_weights)
+            load_weights(self, init_weights, skip=init_weights_skip)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

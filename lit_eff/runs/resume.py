@@ -47,6 +47,12 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
 def _why_unreadable(path: str, error: Exception) -> str:
     with open(path, "rb") as f:
         head = f.read(64)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return f"a text file, not a PyTorch checkpoint (it starts with {text[:40]!r})"
     if "Weights only load failed" in str(error):
         return ("it holds Python objects besides tensors, which the kit does not unpickle (unpickling can run "
                 "code); if you trust the file, re-save its tensors: torch.save(torch.load(path, "
@@ -54,11 +60,7 @@ def _why_unreadable(path: str, error: Exception) -> str:
     if head.startswith(b"PK"):  # a zip archive, as torch.save writes
         return (f"the file is truncated or damaged ({type(error).__name__}: {str(error).strip()[:120]}); a run "
                 "killed while saving leaves such a file: use an earlier checkpoint")
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"not a PyTorch checkpoint ({type(error).__name__}: {str(error).strip()[:120]})"
-    return f"a text file, not a PyTorch checkpoint (it starts with {text[:40]!r})"
+    return f"not a PyTorch checkpoint ({type(error).__name__}: {str(error).strip()[:120]})"
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
