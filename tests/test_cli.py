@@ -106,8 +106,8 @@ def error_line(capsys, args, code=2):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model.init_args.lr", "-1"], "lit-eff fit: error: Expected `lr` > 0, got lr=-1.0"),
-    (["--data.init_args.batch_size", "0"], "lit-eff fit: error: Expected `batch_size` > 0, got batch_size=0"),
+    (["--model.init_args.lr", "-1"], "lit-eff fit: error: Expected `lr` in (0, inf), got lr=-1.0"),
+    (["--data.init_args.batch_size", "0"], "lit-eff fit: error: Expected `batch_size` to be an integer >= 1, got batch_size=0"),
     (["--trainer.callbacks+", "lit_eff.callbacks.NMSparsity", "--trainer.callbacks.n", "5"],
      "lit-eff fit: error: Expected `n` < `m`, got n=5, m=4"),
     (["--model.init_args.lrr", "1"], "lit-eff fit: error: --model: Problem with given class_path "
@@ -129,7 +129,7 @@ def test_an_argument_error_in_a_real_process_prints_no_traceback(tmp_path):
                           env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "lit-eff fit: error: Expected `lr` > 0, got lr=-1.0"
+    assert proc.stderr.strip().splitlines()[-1] == "lit-eff fit: error: Expected `lr` in (0, inf), got lr=-1.0"
 
 
 def test_help_lists_every_tool_and_every_tool_option_has_help(capsys):

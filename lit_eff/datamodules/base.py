@@ -11,16 +11,7 @@ from torch.utils.data import Dataset
 
 from lit_eff.datamodules.loader import BatchTransform, ResumableLoader
 from lit_eff.seeding import run_seed
-
-
-def check_positive(name: str, value: int | float) -> None:
-    if value <= 0:
-        raise ValueError(f"Expected `{name}` > 0, got {name}={value}")
-
-
-def check_fraction(name: str, value: float, upper: float = 1.0) -> None:
-    if not 0.0 <= value < upper:
-        raise ValueError(f"Expected `{name}` in [0, {upper:g}), got {name}={value}")
+from lit_eff.validation import check_int
 
 
 class KitDataModule(LightningDataModule):
@@ -41,9 +32,8 @@ class KitDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__()
-        check_positive("batch_size", batch_size)
-        if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, got num_workers={num_workers}")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import Subset
 
 from lit_eff.datamodules.augment import normalize, random_flip, random_shift
-from lit_eff.datamodules.base import KitDataModule, check_fraction, check_positive
+from lit_eff.datamodules.base import KitDataModule
 from lit_eff.datamodules.splits import split_indices
+from lit_eff.validation import check_fraction, check_int
 
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
@@ -57,10 +58,10 @@ class ImageFolderDataModule(KitDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        check_positive("image_size", image_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
+        check_int("image_size", image_size, minimum=1)
+        check_fraction("val_fraction", val_fraction, high_open=True)
+        check_fraction("test_fraction", test_fraction, high_open=True)
+        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction, high_open=True)
         self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.root = os.path.expanduser(root)
         if not os.path.isdir(self.root):

@@ -17,6 +17,7 @@ from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.runs.resume import check_resume_state
+from lit_eff.validation import check_fraction, check_int
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -74,10 +75,8 @@ class ImageClassifier(LightningModule):
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
-        if num_classes <= 0:
-            raise ValueError(f"Expected `num_classes` > 0, got num_classes={num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
+        check_int("num_classes", num_classes, minimum=1)
+        check_fraction("label_smoothing", label_smoothing, high_open=True)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         # a loaded checkpoint already holds the weights
         self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
