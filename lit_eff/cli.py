@@ -23,11 +23,13 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_eff.callbacks  # noqa: F401  (registers short class names)
 import lit_eff.datamodules  # noqa: F401
@@ -178,10 +180,10 @@ class LitEffCLI(LightningCLI):
     # after fit -------------------------------------------------------------------------------
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
-        signal = next((cb.received for cb in trainer.callbacks if isinstance(cb, ResumableCheckpoint)
-                       and cb.received is not None), None)
-        if trainer.interrupted or signal is not None:  # stopped by a signal after its last step
-            raise SystemExit(EXIT_STATUS.get(signal, 1))
+        received = next((cb.received for cb in trainer.callbacks if isinstance(cb, ResumableCheckpoint)
+                         and cb.received is not None), None)
+        if trainer.interrupted or received is not None:  # stopped by a signal after its last step
+            raise SystemExit(EXIT_STATUS.get(received, 1))
         config = self.config.get(self.subcommand, self.config)
         if self._defines("val_dataloader") and trainer.limit_val_batches != 0 and \
                 self.validation_steps.last_step != trainer.global_step:
@@ -210,6 +212,8 @@ def main(args: list[str] | None = None) -> None:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         print(f"lit-eff{' ' + sub if sub else ''}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException as error:  # Lightning's own, raised with exit status 0
+        raise SystemExit(error.code or EXIT_STATUS[signal.SIGTERM]) from None
 
 
 if __name__ == "__main__":
