@@ -54,3 +54,12 @@ def test_fragment_composes_with_its_base(fragment):
         # appended, not replacing the base's callbacks (FlopsMonitor stays)
         paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
         assert callback["class_path"] in paths and "lit_eff.callbacks.FlopsMonitor" in paths
+
+
+@pytest.mark.parametrize("base", BASES, ids=os.path.basename)
+def test_base_config_writes_last_ckpt_periodically_and_on_interrupt(base):
+    with open(base) as f:
+        callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
+    checkpoints = [cb for cb in callbacks if cb["class_path"] == "lit_eff.runs.ResumableCheckpoint"]
+    assert len(checkpoints) == 1, "every base config keeps a resumable last.ckpt"
+    assert 1 <= checkpoints[0]["init_args"]["every_n_train_steps"] <= 500

@@ -47,6 +47,9 @@ def runs(tmp_path_factory):
     return root / "lightning_logs"
 
 
+LABELS = {"version_0": "dense (max_steps=6)", "version_1": "dense (max_steps=9)", "version_2": "EarlyStopping"}
+
+
 def test_report_numbers_match_tensorboard(runs, tmp_path):
     result = report([str(runs)], "val/acc", out_dir="out")
     assert os.path.getsize(result.plot_path) > 1000 and open(result.plot_path, "rb").read(4) == b"\x89PNG"
@@ -57,12 +60,13 @@ def test_report_numbers_match_tensorboard(runs, tmp_path):
     equal = min(totals.values())
     assert equal == totals["version_0"] < totals["version_1"]  # 6 vs 9 steps
     rows = table_rows(result.table)
-    assert set(rows) == set(logged)
+    assert set(rows) == set(LABELS.values())  # rows named by technique stack, told apart by their arguments
     for name, (s, first) in logged.items():
         flops_at = {e.step: e.value for e in s["flops/total"]}
         curve = [(flops_at[e.step], e.value) for e in s["val/acc"]]
         at_equal = [value for flops, value in curve if flops <= equal][-1]
-        row = rows[name]
+        row = rows[LABELS[name]]
+        assert row["status"] == "finished"
         assert row["final val/acc"] == f"{s['val/acc'][-1].value:.4g}"
         assert row[f"val/acc at {equal:.4g} FLOPs"] == f"{at_equal:.4g}"
         assert row["total FLOPs (executed)"] == f"{totals[name]:.4g}"
@@ -71,7 +75,7 @@ def test_report_numbers_match_tensorboard(runs, tmp_path):
         assert run.points == curve and run.at_equal == at_equal and run.total_flops == totals[name]
         last = max(e.wall_time for events in s.values() for e in events)
         assert run.wall_time == pytest.approx(last - first) and run.wall_time > 0
-    assert rows["version_0"]["techniques"] == "dense" and rows["version_2"]["techniques"] == "EarlyStopping"
+    assert rows[LABELS["version_0"]]["techniques"] == "dense" and rows["EarlyStopping"]["techniques"] == "EarlyStopping"
 
 
 def test_report_reads_a_run_in_progress(runs, tmp_path):
@@ -152,3 +156,79 @@ def test_sweep_groups_seeds_and_reports(runs, capsys):
         assert rows[variant]["techniques"] == "dense"  # LearningRateMonitor is plumbing, not a technique
     with pytest.raises(SystemExit, match=r"--out 'sweep' already holds runs of this sweep: .*dense/seed0"):
         main(["sweep", "--base", BASE, "--budget", str(budget), "--out", "sweep"])
+
+
+def signal_fragment(path, step, marker, seed=None):
+    return fragment(path, "tests.runs.probes.SignalAt", step=step, marker=str(marker), seed=seed)
+
+
+def stopped(args):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    return exit_.value.code
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """lightning_logs/version_0: stopped by SIGTERM during step 4 (last.ckpt at step 5) and resumed
+    as version_1; version_2: stopped likewise and left unfinished; reference/: never stopped."""
+    root = tmp_path_factory.mktemp("resumed")
+    marker = root / "signalled"
+    args = ["fit", "--config", BASE, *TINY, "--trainer.max_steps", "9", "--test_after_fit", "false",
+            "--config", signal_fragment(root / "signal.yaml", 4, marker)]  # every run: the same command
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        assert stopped(args) == 143
+        main([*args, "--ckpt_path", str(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")])
+        marker.unlink()
+        assert stopped(args) == 143
+        (root / "reference").mkdir()
+        patch.chdir(root / "reference")
+        main(args)
+    return root
+
+
+def test_a_resumed_run_is_one_run_equal_to_the_uninterrupted_one(resumed):
+    result = report([str(resumed / "lightning_logs")], "val/acc", out_dir=str(resumed / "out"))
+    joined = next(run for run in result.runs if run.name == "version_0+version_1")
+    unfinished = next(run for run in result.runs if run.name == "version_2")
+    assert len(result.runs) == 2 and joined.finished and unfinished.finished is False
+    reference = report([str(resumed / "reference" / "lightning_logs")], "val/acc", out_dir=str(resumed / "ref")).runs[0]
+    assert joined.total_flops == reference.total_flops
+    assert [x for x, _ in joined.points] == [x for x, _ in reference.points]
+    assert [v for _, v in joined.points] == pytest.approx([v for _, v in reference.points], abs=1e-6)
+    # the unfinished run (5 steps) does not set the equal-FLOPs point: the finished run does
+    assert unfinished.total_flops < joined.total_flops == result.equal_flops
+    assert unfinished.at_equal is None
+    rows = table_rows(result.table)
+    assert set(rows) == {"SignalAt"} and rows["SignalAt"]["status"] == "unfinished (1 of 2)"
+    assert "Unfinished runs (interrupted, crashed or still running; dashed in the plot): version_2" in \
+        open(result.table_path).read()
+
+
+def test_sweep_stops_on_sigterm_and_resumes(runs, capsys, tmp_path):
+    step = scalars(runs / "version_0")[0]["flops/step"][-1].value
+    budget = 3.5 * step  # 4 optimizer steps
+    probe = signal_fragment("probe.yaml", 1, tmp_path / "signalled", seed=1)
+    command = ["sweep", "--base", BASE, "--budget", str(budget), "--seeds", "0", "1", "--out", "sw", "--", *TINY,
+               "--config", probe]
+    assert stopped(command) == 143
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM during dense, seed 1 (its last.ckpt is saved); no report written" in out
+    assert not os.path.exists("sw/val_acc_vs_executed_flops.md")
+    assert yaml.safe_load(open("sw/sweep.yaml"))["runs"] == {"sw/runs/dense/seed0": "finished",
+                                                             "sw/runs/dense/seed1": "interrupted"}
+    events_seed0 = sorted(os.listdir("sw/runs/dense/seed0"))
+    with pytest.raises(SystemExit, match=r"already holds runs of this sweep: .*; continue it with --resume"):
+        main(command)
+    main([*command[:-len(TINY) - 3], "--resume", "--", *TINY, "--config", probe])
+    out = capsys.readouterr().out
+    assert "dense, seed 0: finished earlier, kept" in out
+    assert "--ckpt_path sw/runs/dense/seed1/checkpoints/last.ckpt" in out
+    assert sorted(os.listdir("sw/runs/dense/seed0")) == events_seed0  # not run again
+    logged = {seed: scalars(f"sw/runs/dense/seed{seed}")[0] for seed in (0, 1)}
+    # seed 1 stopped after step 2 and resumed in its folder: each step logged once, to the budget
+    assert [e.step for e in logged[1]["flops/total"]] == [0, 1, 2, 3]
+    assert logged[1]["flops/total"][-1].value == logged[0]["flops/total"][-1].value >= budget
+    rows = table_rows(open("sw/val_acc_vs_executed_flops.md").read().split("\n\n")[2])
+    assert rows["dense"]["seeds"] == "2" and rows["dense"]["status"] == "finished"

@@ -7,8 +7,9 @@ import os
 import torch
 
 from lit_eff.datamodules.augment import normalize, random_flip, random_shift
-from lit_eff.datamodules.base import KitDataModule, check_fraction
+from lit_eff.datamodules.base import KitDataModule
 from lit_eff.datamodules.splits import split_indices
+from lit_eff.validation import check_fraction
 
 
 class CIFAR10DataModule(KitDataModule):
@@ -42,8 +43,8 @@ class CIFAR10DataModule(KitDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        check_fraction("val_fraction", val_fraction)
-        self.save_hyperparameters()
+        check_fraction("val_fraction", val_fraction, high_open=True)
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.data_dir, self.download = os.path.expanduser(data_dir), download
         self.val_fraction, self.split_seed = val_fraction, split_seed
         if not download and not self._present():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from lit_eff.datamodules.augment import normalize, random_shift
-from lit_eff.datamodules.base import KitDataModule, check_fraction
+from lit_eff.datamodules.base import KitDataModule
 from lit_eff.datamodules.splits import split_indices
+from lit_eff.validation import check_fraction, check_int
 
 
 class DigitsDataModule(KitDataModule):
@@ -37,12 +38,11 @@ class DigitsDataModule(KitDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
-        if max_shift < 0:
-            raise ValueError(f"Expected `max_shift` >= 0, got max_shift={max_shift}")
-        self.save_hyperparameters()
+        check_fraction("val_fraction", val_fraction, high_open=True)
+        check_fraction("test_fraction", test_fraction, high_open=True)
+        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction, high_open=True)
+        check_int("max_shift", max_shift, minimum=0)
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_shift, self.split_seed = max_shift, split_seed
 

@@ -8,11 +8,24 @@ import torch
 from torch.utils.data import Subset
 
 from lit_eff.datamodules.augment import normalize, random_flip, random_shift
-from lit_eff.datamodules.base import KitDataModule, check_fraction, check_positive
+from lit_eff.datamodules.base import KitDataModule
 from lit_eff.datamodules.splits import split_indices
+from lit_eff.validation import check_fraction, check_int
 
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def read_image(path: str):
+    """An RGB PIL image, or an error naming the file (read lazily, when its batch is loaded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # noqa: BLE001  PIL raises many kinds for a bad file
+        raise ValueError(f"ImageFolderDataModule: cannot read image {path}: {err}. Remove or replace the file") \
+            from None
 
 
 class ImageFolderDataModule(KitDataModule):
@@ -27,7 +40,11 @@ class ImageFolderDataModule(KitDataModule):
         data:
           class_path: lit_eff.datamodules.ImageFolderDataModule
           init_args: {root: /data/flowers, image_size: 64, batch_size: 64, num_workers: 4}
+
+    A file that cannot be read as an image stops training with an error naming it.
     """
+
+    in_chans = 3
 
     def __init__(
         self,
@@ -41,11 +58,11 @@ class ImageFolderDataModule(KitDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        check_positive("image_size", image_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
-        self.save_hyperparameters()
+        check_int("image_size", image_size, minimum=1)
+        check_fraction("val_fraction", val_fraction, high_open=True)
+        check_fraction("test_fraction", test_fraction, high_open=True)
+        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction, high_open=True)
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.root = os.path.expanduser(root)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"ImageFolderDataModule: `root`={root!r} is not a folder")
@@ -63,7 +80,7 @@ class ImageFolderDataModule(KitDataModule):
             transforms.PILToTensor(),
         ])
         try:
-            return ImageFolder(path, transform=transform)
+            return ImageFolder(path, transform=transform, loader=read_image)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"ImageFolderDataModule: {path!r} holds no images in class folders ({err}). Expected "

@@ -6,7 +6,11 @@ resumed run restarts the epoch's sampling and replays batches. :class:`Resumable
 the batch sequence a pure function of (seed, epoch, rank, batch index):
 
 - the epoch's order is a permutation drawn from a generator seeded by (seed, epoch), identical on every
-  rank, then split between ranks (so Lightning needs no ``DistributedSampler``);
+  rank, then split between ranks (so Lightning needs no ``DistributedSampler``). Training loaders
+  pad the split by wrapping around (every rank takes the same number of equal batches, as
+  ``DistributedSampler`` does); evaluation loaders (``resumable=False``) visit every sample exactly
+  once: each rank takes the same number of batches, one sample smaller where the split is
+  uneven, so synced metrics equal a single process's;
 - random augmentation of a batch draws from a generator seeded by (seed, epoch, rank, batch);
 - the state is ``{"epoch", "consumed"}``: the batches of the epoch already handed to the
   training loop. A restored loader continues exactly after them;
@@ -96,12 +100,25 @@ class ResumableLoader:
     def _samples_per_rank(self) -> int:
         if self.num_replicas == 1:
             return self.num_samples
-        # every rank gets the same count: pad by wrapping around (as DistributedSampler does)
+        # every rank gets the same count (training pads by wrapping around, as DistributedSampler does)
         return math.ceil(self.num_samples / self.num_replicas)
+
+    def _exact_split(self) -> bool:
+        """Evaluation under several processes visits no sample twice (see the module docstring); only
+        where every rank still fills ``len(self)`` batches (not with fewer samples than that)."""
+        return (self.num_replicas > 1 and not self.resumable and not self.drop_last
+                and self.num_samples // self.num_replicas >= len(self))
 
     def __len__(self) -> int:
         n = self._samples_per_rank()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _batches(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        if self._exact_split() and len(indices) <= (len(self) - 1) * self.batch_size:
+            # a rank one sample short of a last batch: still len(self) batches (collectives in forward
+            # stay matched across ranks), none empty
+            return list(torch.tensor_split(indices, len(self)))
+        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """The sample indices this rank visits in ``epoch``, in order."""
@@ -111,7 +128,7 @@ class ResumableLoader:
             order = torch.arange(self.num_samples)
         if self.num_replicas > 1:
             total = self._samples_per_rank() * self.num_replicas
-            if total > self.num_samples:
+            if total > self.num_samples and not self._exact_split():
                 order = torch.cat([order, order[: total - self.num_samples]])
             order = order[self.rank :: self.num_replicas]
         return order
@@ -146,8 +163,7 @@ class ResumableLoader:
                 self.epoch, self.consumed = self.epoch + 1, 0
             self._started = True
             epoch, start = self.epoch, self.consumed
-        indices = self.epoch_indices(epoch)
-        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        batches = self._batches(self.epoch_indices(epoch))
         for position, batch in enumerate(self._fetch(batches[start:]), start=start):
             if self.transform is not None:
                 batch = self.transform(batch, generator(self.seed, "transform", epoch, self.rank, position))

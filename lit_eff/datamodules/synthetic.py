@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lit_eff.datamodules.base import KitDataModule, check_positive
+from lit_eff.datamodules.base import KitDataModule
 from lit_eff.seeding import generator
+from lit_eff.validation import check_int
 
 
 class SyntheticImageDataModule(KitDataModule):
@@ -31,8 +32,8 @@ class SyntheticImageDataModule(KitDataModule):
         super().__init__(batch_size, 0, seed)
         for name, value in [("image_size", image_size), ("in_chans", in_chans), ("num_classes", num_classes),
                             ("num_samples", num_samples), ("num_eval_samples", num_eval_samples)]:
-            check_positive(name, value)
-        self.save_hyperparameters()
+            check_int(name, value, minimum=1)
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
         self.num_samples, self.num_eval_samples = num_samples, num_eval_samples
 

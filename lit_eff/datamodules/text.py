@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from lit_eff.datamodules.base import KitDataModule, check_fraction, check_positive
+from lit_eff.datamodules.base import KitDataModule
+from lit_eff.validation import check_fraction, check_int
 
 
 def bundled_text() -> bytes:
@@ -57,11 +58,11 @@ class TextDataModule(KitDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, 0, seed)
-        check_positive("block_size", block_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction)
-        self.save_hyperparameters()
+        check_int("block_size", block_size, minimum=1)
+        check_fraction("val_fraction", val_fraction, high_open=True)
+        check_fraction("test_fraction", test_fraction, high_open=True)
+        check_fraction("val_fraction + test_fraction", val_fraction + test_fraction, high_open=True)
+        self.save_hyperparameters(logger=False)  # not merged with the model's (see KitDataModule)
         self.path, self.block_size = path, block_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.files: list[str] = []

@@ -15,6 +15,7 @@ from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.tokens.skip import restore_routers
+from lit_eff.runs.resume import check_resume_state
 
 
 class CausalLM(LightningModule):
@@ -23,9 +24,11 @@ class CausalLM(LightningModule):
     Logs ``train/loss``, ``val/loss``, ``val/bpb`` (bits per token: bits per byte for the byte
     vocabulary), ``val/ppl`` and the same for test. :meth:`generate` samples text.
 
-    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
-    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
-    dense fine-tune, docs/techniques/spdf.md).
+    ``init_weights``: weights to start from (fine-tuning): a Lightning ``.ckpt`` of another run, a
+    ``torch.save`` state dict (e.g. a timm model's) or a ``.safetensors`` file; key prefixes are
+    matched, lit_eff masks hardened (a sparse run's pruned weights start at exactly 0).
+    ``init_weights_skip``: globs of keys left at their initial values, e.g. ``["model.head.*"]``
+    for a new head; without it every tensor must fit (:mod:`lit_eff.models.weights`).
 
     ``activation_checkpointing``: recompute each block's activations in backward instead of
     storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
@@ -53,19 +56,21 @@ class CausalLM(LightningModule):
         warmup: float = 0.05,
         min_lr_factor: float = 0.1,
         init_weights: str | None = None,
+        init_weights_skip: list[str] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
-        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
+        # a loaded checkpoint already holds the weights
+        self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
         self.model.set_grad_checkpointing(activation_checkpointing)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
-            load_weights(self, init_weights)
+            load_weights(self, init_weights, skip=init_weights_skip)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -100,6 +105,22 @@ class CausalLM(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_loss, "test")
+
+    def setup(self, stage: str) -> None:
+        """The data's sequences and tokens must fit the model (checked before the model summary): a
+        ``block_size`` up to the model's, a vocabulary no larger than the model's."""
+        data, model = self.trainer.datamodule, self.model
+        block, vocab = getattr(data, "block_size", None), getattr(data, "vocab_size", None)
+        if isinstance(block, int) and block > model.block_size:
+            raise ValueError(f"{type(data).__name__} cuts sequences of `block_size`={block} tokens, longer than the "
+                             f"model's `block_size`={model.block_size} (its positions); set --data.init_args.block_size "
+                             f"{model.block_size} or --model.init_args.block_size {block}")
+        if isinstance(vocab, int) and vocab > model.vocab_size:
+            raise ValueError(f"{type(data).__name__} has a vocabulary of {vocab} tokens, more than the model's "
+                             f"`vocab_size`={model.vocab_size}; set --model.init_args.vocab_size {vocab}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_state(self, checkpoint)  # another technique stack: say so, not lists of keys
 
     def configure_model(self) -> None:
         shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise

@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_eff.models.naming import compile_agnostic_state_dict
@@ -16,6 +17,8 @@ from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.tokens.skip import restore_routers
+from lit_eff.runs.resume import check_resume_state
+from lit_eff.validation import check_fraction, check_int
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -34,9 +37,11 @@ class ImageClassifier(LightningModule):
     decay per step; LightningCLI's ``--optimizer``/``--lr_scheduler`` replace it. Logs
     ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
-    ``init_weights``: a checkpoint (Lightning ``.ckpt`` or state dict) to start from, weights only;
-    lit_eff masks in it are hardened, so a sparse run's pruned weights start at exactly 0 (SPDF's
-    dense fine-tune, docs/techniques/spdf.md).
+    ``init_weights``: weights to start from (fine-tuning): a Lightning ``.ckpt`` of another run, a
+    ``torch.save`` state dict (e.g. a timm model's) or a ``.safetensors`` file; key prefixes are
+    matched, lit_eff masks hardened (a sparse run's pruned weights start at exactly 0).
+    ``init_weights_skip``: globs of keys left at their initial values, e.g. ``["model.head.*"]``
+    for a new head; without it every tensor must fit (:mod:`lit_eff.models.weights`).
 
     ``activation_checkpointing``: recompute each block's activations in backward instead of
     storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
@@ -66,17 +71,17 @@ class ImageClassifier(LightningModule):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         init_weights: str | None = None,
+        init_weights_skip: list[str] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
-        if num_classes <= 0:
-            raise ValueError(f"Expected `num_classes` > 0, got num_classes={num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Expected `label_smoothing` in [0, 1), got label_smoothing={label_smoothing}")
+        check_int("num_classes", num_classes, minimum=1)
+        check_fraction("label_smoothing", label_smoothing, high_open=True)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
-        self.save_hyperparameters(ignore=["init_weights"])  # a loaded checkpoint already holds the weights
+        # a loaded checkpoint already holds the weights
+        self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
         self.model = create_timm_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        in_chans=in_chans, **(model_kwargs or {}))
         if activation_checkpointing:
@@ -84,10 +89,13 @@ class ImageClassifier(LightningModule):
                 raise ValueError(f"Expected a timm model with `set_grad_checkpointing` for activation_checkpointing=True, "
                                  f"got {type(self.model).__name__}")
             self.model.set_grad_checkpointing(True)
+        # metric objects: summed over every process's samples (DDP) before they are read
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         if init_weights is not None:
-            load_weights(self, init_weights)
+            load_weights(self, init_weights, skip=init_weights_skip)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -98,21 +106,37 @@ class ImageClassifier(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         return loss
 
-    def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
+    def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", batch_size=len(labels))
-        metric.update(logits, labels)
-        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(labels))
+        loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        acc.update(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, prog_bar=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
+        self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
+
+    def setup(self, stage: str) -> None:
+        """The data must fit the model's head and input channels (checked before the model summary)."""
+        data = self.trainer.datamodule
+        for name, wanted in (("num_classes", self.hparams.num_classes), ("in_chans", self.hparams.in_chans)):
+            given = getattr(data, name, None)
+            if isinstance(given, int) and not isinstance(given, bool) and (
+                    given > wanted if name == "num_classes" else given != wanted):
+                what = "classes, more than" if name == "num_classes" else "image channels, but"
+                raise ValueError(f"{type(data).__name__} has {given} {what} the model's `{name}`={wanted}; "
+                                 f"set --model.init_args.{name} {given}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_state(self, checkpoint)  # another technique stack: say so, not lists of keys
 
     def configure_model(self) -> None:
         shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise

@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from lit_eff.schedules import warmup_cosine
+from lit_eff.validation import check_number
 
 
 def check_optim_args(lr: float, weight_decay: float, warmup: float) -> None:
-    if lr <= 0:
-        raise ValueError(f"Expected `lr` > 0, got lr={lr}")
-    if weight_decay < 0:
-        raise ValueError(f"Expected `weight_decay` >= 0, got weight_decay={weight_decay}")
-    if warmup < 0:
-        raise ValueError(f"Expected `warmup` >= 0 (a step count, or a fraction of training if < 1), got warmup={warmup}")
+    """``lr`` > 0, ``weight_decay`` >= 0, ``warmup`` >= 0 (a step count, or a fraction of training if < 1)."""
+    check_number("lr", lr, 0, low_open=True)
+    check_number("weight_decay", weight_decay, 0)
+    check_number("warmup", warmup, 0)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

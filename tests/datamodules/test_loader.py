@@ -81,3 +81,22 @@ def test_map_style_dataset_goes_through_worker_loader():
     got = [b[0] for b in loader]
     assert [len(b) for b in got] == [5, 5, 2]
     assert all(torch.equal(x, y) for x, y in zip(got, batches(tensors)))
+
+
+def test_eval_ranks_visit_every_sample_once_in_equal_batch_counts():
+    # 359 test images on two ranks: 180 + 179, not 180 + 180 with one image twice
+    for n, batch_size, world in [(359, 32, 2), (22, 4, 3), (65, 32, 2), (7, 1, 2)]:
+        data = (torch.arange(n),)
+        ranks = []
+        for rank in range(world):
+            loader = ResumableLoader(data, batch_size, resumable=False)
+            loader.set_distributed(world, rank)
+            ranks.append(batches(loader))
+        counts = {len(r) for r in ranks}
+        assert len(counts) == 1, f"ranks must run the same number of batches: {[len(r) for r in ranks]}"
+        assert all(len(b) > 0 and len(b) <= batch_size for r in ranks for b in r)
+        seen = torch.cat([b for r in ranks for b in r]).tolist()
+        if n // world >= counts.pop():
+            assert sorted(seen) == list(range(n)), (n, batch_size, world)
+        else:  # fewer samples per rank than batches (batch_size 1): padded as training is
+            assert set(seen) == set(range(n)) and len(seen) == world * -(-n // world)

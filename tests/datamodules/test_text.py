@@ -34,9 +34,9 @@ def test_missing_path_empty_text_and_bad_sizes(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="holds no text"):
         TextDataModule(path=str(tmp_path / "empty.txt"))
-    with pytest.raises(ValueError, match=r"Expected `block_size` > 0, got block_size=0"):
+    with pytest.raises(ValueError, match=r"Expected `block_size` to be an integer >= 1, got block_size=0"):
         TextDataModule(block_size=0)
-    with pytest.raises(ValueError, match=r"Expected `batch_size` > 0, got batch_size=-1"):
+    with pytest.raises(ValueError, match=r"Expected `batch_size` to be an integer >= 1, got batch_size=-1"):
         TextDataModule(batch_size=-1)
     (tmp_path / "short.txt").write_text("tiny text")
     dm = TextDataModule(path=str(tmp_path / "short.txt"), block_size=64)

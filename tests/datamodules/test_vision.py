@@ -124,11 +124,11 @@ def test_image_folder_errors(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=0), r"Expected `batch_size` > 0, got batch_size=0"),
-    (dict(batch_size=-3), r"Expected `batch_size` > 0, got batch_size=-3"),
+    (dict(batch_size=0), r"Expected `batch_size` to be an integer >= 1, got batch_size=0"),
+    (dict(batch_size=-3), r"Expected `batch_size` to be an integer >= 1, got batch_size=-3"),
     (dict(val_fraction=1.2), r"Expected `val_fraction` in \[0, 1\), got val_fraction=1.2"),
     (dict(val_fraction=0.5, test_fraction=0.6), r"val_fraction \+ test_fraction"),
-    (dict(max_shift=-1), r"Expected `max_shift` >= 0"),
+    (dict(max_shift=-1), r"Expected `max_shift` to be an integer >= 0, got max_shift=-1"),
 ])
 def test_digits_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

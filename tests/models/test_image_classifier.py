@@ -14,9 +14,9 @@ def test_unknown_timm_model_suggests_close_matches():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=0), r"Expected `lr` > 0, got lr=0"),
-    (dict(weight_decay=-1), r"Expected `weight_decay` >= 0"),
-    (dict(num_classes=0), r"Expected `num_classes` > 0"),
+    (dict(lr=0), r"Expected `lr` in \(0, inf\), got lr=0"),
+    (dict(weight_decay=-1), r"Expected `weight_decay` in \[0, inf\), got weight_decay=-1"),
+    (dict(num_classes=0), r"Expected `num_classes` to be an integer >= 1, got num_classes=0"),
     (dict(label_smoothing=1.0), r"Expected `label_smoothing` in \[0, 1\)"),
 ])
 def test_bad_arguments(kwargs, message):
