@@ -93,9 +93,6 @@ class KnowledgeDistillation(Technique):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.distiller is not None:
             return
-        if self.others(trainer, KnowledgeDistillation):
-            raise ValueError(f"{self.describe(trainer)}: found another KnowledgeDistillation in trainer.callbacks; "
-                             "keep one (each would rescale the task loss's gradient)")
         student = network_of(pl_module)
         teacher = build_teacher(self.teacher, self.teacher_model, self.teacher_kwargs, pl_module)
         widths = output_width(student), output_width(teacher)

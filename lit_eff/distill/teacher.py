@@ -136,11 +136,13 @@ def load_teacher_weights(net: nn.Module, state: dict[str, torch.Tensor], path: s
         candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = sorted(expected - set(candidate)), sorted(set(candidate) - expected)
         if not missing and not unexpected and len(candidate) == len(state):
-            try:
-                net.load_state_dict(candidate, strict=True)
-            except RuntimeError as error:
-                raise ValueError(f"The weights in `teacher`={str(path)!r} do not fit the teacher "
-                                 f"{type(net).__name__}: {error}") from error
+            own = net.state_dict()
+            shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                      for k, v in candidate.items() if v.shape != own[k].shape]
+            if shapes:
+                raise ValueError(f"The weights in `teacher`={str(path)!r} do not fit the teacher {type(net).__name__}: "
+                                 f"shapes differ: {'; '.join(shapes[:_SHOWN])}; check `teacher_model` and `teacher_kwargs`")
+            net.load_state_dict(candidate, strict=True)
             return
         if best is None or len(missing) + len(unexpected) < len(best[0]) + len(best[1]):
             best = (missing, unexpected)
