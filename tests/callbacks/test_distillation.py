@@ -328,3 +328,10 @@ def test_bad_teachers_and_layers_are_refused_before_training(tmp_path):
     # one teacher per run (each would rescale the task's gradient): Lightning refuses a second instance
     with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `KnowledgeDistillation`"):
         fit([KnowledgeDistillation(path), KnowledgeDistillation(path), NoSteps()])
+
+
+def test_resuming_with_another_teacher_warns():
+    kd = KnowledgeDistillation("b.ckpt")
+    with pytest.warns(UserWarning, match=r"resuming a run distilled from teacher='a.ckpt' with teacher='b.ckpt'"):
+        kd.load_state_dict({"last_step": 3, "teacher": "a.ckpt"})
+    assert kd.state_dict() == {"last_step": 3, "teacher": "b.ckpt"}
