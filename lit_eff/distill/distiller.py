@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lit_eff.distill.losses import feature_loss, kd_loss
+from lit_eff.models.naming import named_modules
 
 __all__ = ["Distiller"]
 
@@ -71,7 +72,7 @@ class Distiller:
         self.last: tuple[torch.Tensor, ...] | None = None
         self._student_features: dict[str, torch.Tensor] | None = None
         self._teacher_features: dict[str, torch.Tensor] | None = None
-        student_layers, teacher_layers = dict(student.named_modules()), dict(teacher.named_modules())
+        student_layers, teacher_layers = dict(named_modules(student)), dict(named_modules(teacher))
         self._handles = [student.register_forward_pre_hook(self._begin),
                          student.register_forward_hook(self._finish, with_kwargs=True)]
         for name in dict.fromkeys(s for s, _ in self.pairs):
