@@ -335,3 +335,23 @@ def test_resuming_with_another_teacher_warns():
     with pytest.warns(UserWarning, match=r"resuming a run distilled from teacher='a.ckpt' with teacher='b.ckpt'"):
         kd.load_state_dict({"last_step": 3, "teacher": "a.ckpt"})
     assert kd.state_dict() == {"last_step": 3, "teacher": "b.ckpt"}
+
+
+def test_compiled_step_reads_the_current_gradient_scale(tmp_path):
+    """Under torch.compile the distillation gradient's scale is read from a tensor updated in
+    place: when accumulation goes from 1 to 2 micro-batches (epoch 1), compiled equals eager."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    path = save_kit_teacher(tmp_path)
+    states = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        seeded(0)
+        module = vit()
+        trainer = make_trainer(max_steps=8, callbacks=[KnowledgeDistillation(path, alpha=0.8),
+                                                       GradientAccumulationScheduler({0: 1, 1: 2})])
+        trainer.fit(torch.compile(module, backend="aot_eager") if compiled else module, datamodule=digits())
+        assert trainer.accumulate_grad_batches == 2
+        states.append(flat_state(module))
+    torch._dynamo.reset()
+    assert max_abs_diff(states[0], states[1]) <= 1e-5
