@@ -365,44 +365,18 @@ SETTINGS.update({
 })
 
 
+
 # --- knowledge distillation (lit_eff.distill) ------------------------------------------------
-import os  # noqa: E402
-import tempfile  # noqa: E402
-
 from lit_eff.callbacks import KnowledgeDistillation  # noqa: E402
-from tests.distill.common import save_kit_teacher  # noqa: E402
-from tests.helpers import MODELS  # noqa: E402
-
-
-def _teacher(family: str, **kwargs) -> str:
-    """A tiny kit teacher checkpoint (seed 1), written at import at a fixed path, so every process
-    of a distributed run (each imports this table) names the same file with the same content."""
-    folder = os.path.join(tempfile.gettempdir(), f"lit_eff_contract_teachers_{os.getuid()}")
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, f"{family}_{'_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))}.ckpt")
-    os.replace(save_kit_teacher(folder, family, name=f"{os.path.basename(final)}.{os.getpid()}", **kwargs), final)
-    return final
-
-
-def _check_kd(family: str):
-    def check(trainer: Trainer, technique: KnowledgeDistillation) -> None:
-        """The teacher and any projection are gone after fit, the student's checkpoint keys are the
-        plain model's, and the KD and hint losses were logged."""
-        assert technique.distiller is None
-        assert trainer.lightning_module.state_dict().keys() == MODELS[family][0]().state_dict().keys()
-        metrics = trainer.callback_metrics
-        assert float(metrics["distill/kd_loss"]) > 0 and float(metrics["distill/feature_loss/blocks.1"]) > 0
-
-    return check
-
+from tests.distill.common import check_distilled, contract_teacher  # noqa: E402
 
 SETTINGS.update({
     # a same-shape ViT teacher (another init): logits at T=2 and a hint on the last block
-    "KnowledgeDistillation": Setting(KnowledgeDistillation, {"teacher": _teacher("vit"), "temperature": 2.0,
+    "KnowledgeDistillation": Setting(KnowledgeDistillation, {"teacher": contract_teacher("vit"), "temperature": 2.0,
                                                              "alpha": 0.5, "features": {"blocks.1": "blocks.1"}},
-                                     "vit", check=_check_kd("vit")),
+                                     "vit", check=check_distilled("vit")),
     # a deeper GPT teacher rebuilt from its checkpoint's hyperparameters; blocks 0, 1 -> teacher blocks 1, 2
-    "KnowledgeDistillation-gpt": Setting(KnowledgeDistillation, {"teacher": _teacher("gpt", n_layer=3), "alpha": 0.7,
-                                                                 "features": {"blocks.?": "blocks.[12]"}},
-                                         "gpt", check=_check_kd("gpt")),
+    "KnowledgeDistillation-gpt": Setting(KnowledgeDistillation, {"teacher": contract_teacher("gpt", n_layer=3),
+                                                                 "alpha": 0.7, "features": {"blocks.?": "blocks.[12]"}},
+                                         "gpt", check=check_distilled("gpt")),
 })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -40,3 +41,28 @@ def load_kit_network(path: str, family: str = "vit") -> torch.nn.Module:
     module = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
     module.load_state_dict(checkpoint["state_dict"])
     return module.model.eval()
+
+
+def contract_teacher(family: str, **kwargs: Any) -> str:
+    """A tiny kit teacher (seed 1) for the contract table, written when the table is imported at a
+    fixed path, so every process of a distributed run (each imports the table) names the same
+    file with the same content (written to a private name, then renamed into place)."""
+    folder = os.path.join(tempfile.gettempdir(), f"lit_eff_contract_teachers_{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, f"{family}_{'_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))}.ckpt")
+    os.replace(save_kit_teacher(folder, family, name=f"{os.path.basename(final)}.{os.getpid()}", **kwargs), final)
+    return final
+
+
+def check_distilled(family: str):
+    """The contract's check: after fit the teacher and any projection are gone, the student's
+    state dict has the plain model's keys, and the KD and hint losses were logged."""
+    from tests.helpers import MODELS
+
+    def check(trainer, technique) -> None:
+        assert technique.distiller is None
+        assert trainer.lightning_module.state_dict().keys() == MODELS[family][0]().state_dict().keys()
+        metrics = trainer.callback_metrics
+        assert float(metrics["distill/kd_loss"]) > 0 and float(metrics["distill/feature_loss/blocks.1"]) > 0
+
+    return check
