@@ -13,7 +13,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lit_eff import sparsity
 from lit_eff.callbacks import FlopsMonitor, KnowledgeDistillation, NMSparsity
 from lit_eff.distill import PROJECTIONS, Projection, kd_loss, network_of
 from lit_eff.flops import count_flops
