@@ -1,8 +1,9 @@
 """lit_eff: training-efficiency techniques as Lightning callbacks, with FLOPs accounting."""
 
-from lit_eff import flops, schedules, seeding, sparsity, supernet, tokens
+from lit_eff import distill, flops, schedules, seeding, sparsity, supernet, tokens
 from lit_eff.callbacks import DynamicSparsity, FlopsBudget, FlopsMonitor, MagnitudePruning, NMSparsity, StaticSparsity
 from lit_eff.callbacks import TokenDrop, TokenMerge, TokenSkip
+from lit_eff.callbacks import KnowledgeDistillation
 from lit_eff.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -27,6 +28,7 @@ __all__ = [
     "GPT",
     "ImageClassifier",
     "ImageFolderDataModule",
+    "KnowledgeDistillation",
     "MagnitudePruning",
     "NMSparsity",
     "StaticSparsity",
@@ -36,6 +38,7 @@ __all__ = [
     "TokenDrop",
     "TokenMerge",
     "TokenSkip",
+    "distill",
     "flops",
     "schedules",
     "seeding",

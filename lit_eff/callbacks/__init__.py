@@ -1,5 +1,6 @@
 """The kit's Lightning callbacks."""
 
+from lit_eff.callbacks.distillation import KnowledgeDistillation
 from lit_eff.callbacks.dynamic_sparsity import DynamicSparsity
 from lit_eff.callbacks.flops_budget import FlopsBudget
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
@@ -15,4 +16,5 @@ from lit_eff.callbacks.token_skip import TokenSkip
 
 __all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "GradientMasking", "LayerFreezing",
            "MagnitudePruning", "NMSparsity", "SparsityMonitor",
-           "StaticSparsity", "TokenDrop", "TokenMerge", "TokenSkip"]
+           "StaticSparsity", "TokenDrop", "TokenMerge", "TokenSkip",
+           "KnowledgeDistillation"]

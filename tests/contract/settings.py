@@ -368,3 +368,20 @@ SETTINGS.update({
     "TokenSkip-mod": Setting(TokenSkip, {"method": "mod", "blocks": [0, 1], "capacity": 0.25}, "gpt",
                              check=_check_token_skip_mod),
 })
+
+
+
+# --- knowledge distillation (lit_eff.distill) ------------------------------------------------
+from lit_eff.callbacks import KnowledgeDistillation  # noqa: E402
+from tests.distill.common import check_distilled, contract_teacher  # noqa: E402
+
+SETTINGS.update({
+    # a same-shape ViT teacher (another init): logits at T=2 and a hint on the last block
+    "KnowledgeDistillation": Setting(KnowledgeDistillation, {"teacher": contract_teacher("vit"), "temperature": 2.0,
+                                                             "alpha": 0.5, "features": {"blocks.1": "blocks.1"}},
+                                     "vit", check=check_distilled("vit")),
+    # a deeper GPT teacher rebuilt from its checkpoint's hyperparameters; blocks 0, 1 -> teacher blocks 1, 2
+    "KnowledgeDistillation-gpt": Setting(KnowledgeDistillation, {"teacher": contract_teacher("gpt", n_layer=3),
+                                                                 "alpha": 0.7, "features": {"blocks.?": "blocks.[12]"}},
+                                         "gpt", check=check_distilled("gpt")),
+})
