@@ -44,6 +44,10 @@ class Setting:
     # None: works under FSDP2 (ModelParallelStrategy) like under DDP; otherwise the regex of
     # the message with which the technique refuses FSDP2 before training
     fsdp2_refusal: str | None = None
+    # the state dict the main process's model must hold after a ddp_spawn fit, from the last
+    # checkpoint (default: its "state_dict"): techniques that change the model's structure give
+    # the main process the constructor's structure back, computing the same function
+    returned: Callable[[dict], dict] | None = None
 
     def build(self) -> list[Callback]:
         return [*self.companions(), self.cls(**self.kwargs)]
@@ -363,3 +367,9 @@ SETTINGS.update({
     "TokenSkip-mod": Setting(TokenSkip, {"method": "mod", "blocks": [0, 1], "capacity": 0.25}, "gpt",
                              check=_check_token_skip_mod),
 })
+
+
+# --- structured techniques (lit_eff.structured) ----------------------------------------------
+from tests.contract.structured_settings import STRUCTURED  # noqa: E402
+
+SETTINGS.update(STRUCTURED)
