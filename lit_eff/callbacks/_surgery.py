@@ -78,7 +78,11 @@ def rebuild_training(trainer: Trainer, carried: Carried) -> None:
     old_schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
     if isinstance(strategy, DDPStrategy) and trainer.world_size > 1 and strategy.model is not strategy.lightning_module:
         old = strategy.model
-        old._remove_autograd_hooks()  # the old reducer must not see the next backward
+        # the old reducer's gradient hooks sit on parameters that stay in the model: remove them
+        # now rather than when the old wrapper is garbage-collected
+        remove_hooks = getattr(old, "_remove_autograd_hooks", None)
+        if callable(remove_hooks):
+            remove_hooks()
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
         del old
