@@ -93,7 +93,9 @@ class StructuredFFN(Technique):
         targets = find_linears(pl_module, self.include, self.exclude)
         for name, linear in targets.items():
             if parametrize.is_parametrized(linear):
-                raise ValueError(f"{self.describe(trainer)} replaces {name}, whose weight another callback masks "
+                owners = [cb.__class__.__name__ for cb in trainer.callbacks
+                          if linear in getattr(cb, "targets", {}).values()] or ["another callback"]
+                raise ValueError(f"{self.describe(trainer)} replaces {name}, whose weight {owners[0]} masks "
                                  f"(a parametrization): exclude it from one of them")
         self._replaced = list(targets.values())
         self.layers = structure_linears(pl_module, targets, self.structure, self.rank, self.blocks,

@@ -3,6 +3,7 @@ under a FLOPs target) or a Torch-Pruning-style magnitude baseline."""
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Literal
 
@@ -204,7 +205,7 @@ class StructuredPruning(Technique):
     def fractions(self, soft: bool = False) -> list[Any]:
         """Kept fraction of every group (soft counts ``Σ m / dense`` in LAPP's soft phase)."""
         if soft and not self.hardened and self.method == "lapp":
-            return [soft_mask(g, self._modes[g.name]).sum() / g.dense for g in self.groups]
+            return [soft_mask(g, self._modes[g.name], torch.float64).sum() / g.dense for g in self.groups]
         return [g.count / g.dense for g in self.groups]
 
     def _prune(self, trainer: Trainer, event: int) -> None:
@@ -306,6 +307,15 @@ class StructuredPruning(Technique):
             detach_gates(self.groups, self._handles)
         for group in self.groups:
             group.expand()
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (the LightningModule or its inner model) once the masks hardened: a
+        plain module of the model's own classes with smaller layers, no gates and no hooks, that
+        computes what the trained one does."""
+        if self._handles:
+            raise ValueError(f"{self.name}.export was called before its masks hardened (at step {self.end_step}); "
+                             f"train past `end`, or resume the run with the callback")
+        return copy.deepcopy(model)
 
     # state ------------------------------------------------------------------------------------
     @override

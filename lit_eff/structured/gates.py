@@ -44,12 +44,13 @@ def scores(group: Group, importance: str) -> torch.Tensor:
     return group.importance(1 if importance == "l1" else 2)
 
 
-def soft_mask(group: Group, importance: str) -> torch.Tensor:
-    """``σ((s/max s − τ)/T)`` for the group's present members (differentiable in ``θ``)."""
+def soft_mask(group: Group, importance: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``σ((s/max s − τ)/T)`` for the group's present members (differentiable in ``θ``). In
+    float64 a nearly saturated mask keeps a nonzero gradient (float32 rounds σ(20) to 1)."""
     gate = gate_of(group)
-    s = scores(group, importance)
+    s = scores(group, importance).to(dtype)
     s = s / s.max().clamp_min(1e-12)
-    return torch.sigmoid((s - gate.threshold()) / gate.temperature)
+    return torch.sigmoid((s - gate.threshold().to(dtype)) / gate.temperature)
 
 
 def attach_gates(groups: list[Group], importance: dict[str, str], scale: float, temperature: float) -> list:
