@@ -84,30 +84,34 @@ class StructuredFFN(Technique):
     # setup ------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.layers:
-            return
-        self.guide_steps = round(self.guide_fraction * self.run_length(trainer))
-        if self.guide_steps:
-            refuse_strategy(trainer, self.describe(trainer), f"drops its dense guides after {self.guide_steps} "
-                                                             f"steps (guide_fraction={self.guide_fraction})")
-        targets = find_linears(pl_module, self.include, self.exclude)
-        for name, linear in targets.items():
-            if parametrize.is_parametrized(linear):
-                owners = [cb.__class__.__name__ for cb in trainer.callbacks
-                          if linear in getattr(cb, "targets", {}).values()] or ["another callback"]
-                raise ValueError(f"{self.describe(trainer)} replaces {name}, whose weight {owners[0]} masks "
-                                 f"(a parametrization): exclude it from one of them")
-        self._replaced = list(targets.values())
-        self.layers = structure_linears(pl_module, targets, self.structure, self.rank, self.blocks,
-                                        guided=self.guide_steps > 0,
-                                        generator_for=lambda name: generator(run_seed(), "structured-ffn", name))
-        self._load_hook = restructure_on_load(pl_module, self._fit_checkpoint)
+        if not self.layers:
+            if stage == "fit":
+                self.guide_steps = round(self.guide_fraction * self.run_length(trainer))
+                if self.guide_steps:
+                    refuse_strategy(trainer, self.describe(trainer), f"drops its dense guides after "
+                                    f"{self.guide_steps} steps (guide_fraction={self.guide_fraction})")
+            targets = find_linears(pl_module, self.include, self.exclude)
+            for name, linear in targets.items():
+                if parametrize.is_parametrized(linear):
+                    owners = [cb.__class__.__name__ for cb in trainer.callbacks
+                              if linear in getattr(cb, "targets", {}).values()] or ["another callback"]
+                    raise ValueError(f"{self.describe(trainer)} replaces {name}, whose weight {owners[0]} masks "
+                                     f"(a parametrization): exclude it from one of them")
+            self._replaced = list(targets.values())
+            self.layers = structure_linears(pl_module, targets, self.structure, self.rank, self.blocks,
+                                            guided=self.guide_steps > 0,
+                                            generator_for=lambda name: generator(run_seed(), "structured-ffn", name))
+        if self._load_hook is None:  # a checkpoint of the structured model loads (resume, `test --ckpt_path`)
+            self._load_hook = restructure_on_load(pl_module, self._take_checkpoint)
 
-    def _fit_checkpoint(self, state_dict: dict[str, Any], names: dict[nn.Module, str]) -> None:
-        """Before weights load (resume): drop the guides a checkpoint written after them lacks."""
+    def _take_checkpoint(self, state_dict: dict[str, Any], names: dict[nn.Module, str]) -> None:
+        """Before weights load: add or drop each layer's guide as the checkpoint has it."""
         for layer in self.layers.values():
-            if layer.guided and names[layer] + "guide" not in state_dict:
+            guided = names[layer] + "guide" in state_dict
+            if layer.guided and not guided:
                 layer.drop_guide()
+            elif guided and not layer.guided:
+                layer.add_guide()  # placeholder values; the load overwrites them
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -150,12 +154,10 @@ class StructuredFFN(Technique):
     # end of fit -------------------------------------------------------------------------------
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        if self.in_worker_process():
+        if stage == "fit" and self.in_worker_process():
             # after ddp_spawn the main process loads this model's weights into its own plain one
             to_plain_linears(pl_module)
 

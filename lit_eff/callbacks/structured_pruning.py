@@ -24,6 +24,10 @@ from lit_eff.structured.prune import expand_state_dict, keep_above_half, keep_to
 
 __all__ = ["StructuredPruning"]
 
+#: LAPP's removals before ``end`` take the members whose soft mask fell below this (their output
+#: is nearly gone already); the last one takes every member below 0.5.
+OFF = 0.05
+
 
 class StructuredPruning(Technique):
     """Removes attention heads, MLP hidden units and ResNet block channels during training, so
@@ -109,11 +113,24 @@ class StructuredPruning(Technique):
     # setup ------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._model_id != id(pl_module) or not self.groups:  # a later fit or test of the same model keeps them
+            groups = find_groups(pl_module, self.structures, self.include, self.exclude)
+            self._modes = {g.name: self._importance_of(g) for g in groups}
+            for group in groups:
+                if group.dense < self.min_keep:
+                    raise ValueError(f"Expected `min_keep` <= the {group.dense} members of {group.name}, "
+                                     f"got min_keep={self.min_keep}")
+            self.groups, self._model_id = groups, id(pl_module)
+            self._names = {m: name + "." if name else "" for name, m in named_modules(pl_module)}
+            if stage == "fit" and self.method == "lapp":
+                self._handles = attach_gates(groups, self._modes, self.threshold_scale, self.temperature)
+        if self._load_hook is None:  # a checkpoint of the pruned model loads (resume, `test --ckpt_path`)
+            self._load_hook = restructure_on_load(pl_module, self._take_checkpoint)
         if stage != "fit":
             return
         if len(self.others(trainer, StructuredPruning)):
-            raise ValueError(f"Found more than one StructuredPruning in trainer.callbacks; keep one (give it all "
-                             f"the structures, or `include` patterns)")
+            raise ValueError("Found more than one StructuredPruning in trainer.callbacks; keep one (give it all "
+                             "the structures, or `include` patterns)")
         refuse_strategy(trainer, self.describe(trainer), "removes attention heads, MLP units or channels mid-run")
         total = self.run_length(trainer)
         self.start_step = round(self.start * total)
@@ -124,19 +141,6 @@ class StructuredPruning(Technique):
         every = self.prune_every or self.end_step + 1
         first = self.start_step + (self.method == "lapp")  # LAPP removes only after learning thresholds
         self.events = sorted({self.end_step, *range(self.end_step, first - 1, -every)})
-        if self._model_id == id(pl_module) and self.groups:
-            return  # a later fit of the same model keeps its groups
-        groups = find_groups(pl_module, self.structures, self.include, self.exclude)
-        self._modes = {g.name: self._importance_of(g) for g in groups}
-        for group in groups:
-            if group.dense < self.min_keep:
-                raise ValueError(f"Expected `min_keep` <= the {group.dense} members of {group.name}, "
-                                 f"got min_keep={self.min_keep}")
-        self.groups, self._model_id = groups, id(pl_module)
-        self._names = {m: name + "." if name else "" for name, m in named_modules(pl_module)}
-        if self.method == "lapp":
-            self._handles = attach_gates(groups, self._modes, self.threshold_scale, self.temperature)
-        self._load_hook = restructure_on_load(pl_module, self._fit_checkpoint)
 
     def _importance_of(self, group: Group) -> str:
         if self.importance == "bn" and not isinstance(group, ConvChannels):
@@ -148,8 +152,8 @@ class StructuredPruning(Technique):
             return "bn" if isinstance(group, ConvChannels) else "l1"
         return "l2"
 
-    def _fit_checkpoint(self, state_dict: dict[str, Any], names: dict[nn.Module, str]) -> None:
-        """Before weights load (resume): take the checkpoint's member counts and gates."""
+    def _take_checkpoint(self, state_dict: dict[str, Any], names: dict[nn.Module, str]) -> None:
+        """Before weights load: take the checkpoint's member counts, and its gates or their absence."""
         for group in self.groups:
             first = group.tensors()[0]
             key = names[first.module] + first.name
@@ -157,9 +161,13 @@ class StructuredPruning(Technique):
                 count = state_dict[key].shape[first.dim] // (first.per_member * first.blocks)
                 if count != group.count:
                     group.keep(torch.arange(count))  # placeholder values; the load overwrites them
-        if self._handles and not any(names[g.owner] + g.gate_name + ".theta" in state_dict for g in self.groups):
+        gated = any(names[g.owner] + g.gate_name + ".theta" in state_dict for g in self.groups)
+        if self._handles and not gated:
             detach_gates(self.groups, self._handles)
             self.hardened = True
+        elif gated and not self._handles and self.method == "lapp":
+            self._handles = attach_gates(self.groups, self._modes, self.threshold_scale, self.temperature)
+            self.hardened = False
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -216,7 +224,8 @@ class StructuredPruning(Technique):
             with torch.no_grad():
                 masks = [soft_mask(g, self._modes[g.name]).float() for g in self.groups]
             for group, mask in zip(self.groups, masks):
-                index = keep_above_half(mask, self.min_keep)
+                # before the end only members whose mask is nearly 0 go; at the end all below 0.5
+                index = keep_above_half(mask if final else mask + 0.5 - OFF, self.min_keep)
                 if final:
                     group.scale(mask)  # the kept members' masks fold into the weights
                 if index.numel() < group.count:
@@ -287,12 +296,10 @@ class StructuredPruning(Technique):
     # end of fit -------------------------------------------------------------------------------
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        if self.in_worker_process():
+        if stage == "fit" and self.in_worker_process():
             self.restore_dense(pl_module)
 
     def restore_dense(self, pl_module: nn.Module) -> None:

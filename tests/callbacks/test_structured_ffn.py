@@ -133,3 +133,18 @@ def test_ddp_spawn_resume_across_the_drop(tmp_path):
     full_state, resumed_state = full.state_dict(), resumed.state_dict()
     assert full_state.keys() == resumed_state.keys()
     assert max((full_state[k] - resumed_state[k]).abs().max().item() for k in full_state) <= 1e-6
+
+
+def test_a_fresh_model_tests_a_structured_checkpoint(tmp_path):
+    """`trainer.test(ckpt_path=...)` with the callback in the config: structured layers, and
+    the guide when the checkpoint still has it."""
+    from tests.helpers import text, tiny_gpt
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer, module = fit([StructuredFFN(rank=8, guide_fraction=0.9), checkpoint], "gpt", max_steps=4,
+                          enable_checkpointing=True)
+    expected = trainer.test(module, datamodule=trainer.datamodule, verbose=False)
+    fresh = tiny_gpt()
+    result = make_trainer(callbacks=[StructuredFFN(rank=8, guide_fraction=0.9)]).test(
+        fresh, datamodule=text(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert result == expected and fresh.model.blocks[0].mlp.fc1.guided

@@ -252,3 +252,20 @@ def test_refuses_masked_weights():
     with pytest.raises(ValueError, match=r"removes rows and columns of model.blocks.0.attn.heads's weights, which "
                                          r"another callback masks"):
         fit([NMSparsity(n=2, m=4), lapp()], "vit", max_steps=4)
+
+
+def test_a_fresh_model_tests_a_pruned_checkpoint(tmp_path):
+    """`trainer.test(ckpt_path=...)` (`lit-eff test --ckpt_path`) with the callback in the config
+    takes the checkpoint's smaller shapes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import digits, make_trainer, tiny_vit
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer, module = fit([lapp(), checkpoint], "vit", max_steps=6, enable_checkpointing=True)
+    expected = trainer.test(module, datamodule=trainer.datamodule, verbose=False)
+    fresh = tiny_vit()
+    result = make_trainer(callbacks=[lapp()]).test(fresh, datamodule=digits(), ckpt_path=str(tmp_path / "last.ckpt"),
+                                                   verbose=False)
+    assert result == expected
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
