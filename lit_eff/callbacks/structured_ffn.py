@@ -65,7 +65,8 @@ class StructuredFFN(Technique):
         if uses_blocks:
             validation.check_int("blocks", blocks, minimum=2)
         elif blocks is not None:
-            raise ValueError(f"Expected no `blocks` for structure={structure!r} (it uses `rank`), got blocks={blocks!r}")
+            raise ValueError(f"Expected no `blocks` for structure={structure!r} (it uses `rank`), "
+                             f"got blocks={blocks!r}")
         validation.check_fraction("guide_fraction", guide_fraction, high_open=True)
         validation.check_choice("guide_schedule", guide_schedule, ("cosine", "linear"))
         self.structure, self.rank, self.blocks = structure, rank, blocks
@@ -189,7 +190,8 @@ class StructuredFFN(Technique):
 
 def _describe(layer: StructuredLinear) -> dict[str, Any]:
     return {"class": type(layer).__name__, "in": layer.in_features, "out": layer.out_features,
-            "bias": layer.bias is not None, "rank": getattr(layer, "rank", None), "blocks": getattr(layer, "blocks", None)}
+            "bias": layer.bias is not None, "rank": getattr(layer, "rank", None),
+            "blocks": getattr(layer, "blocks", None)}
 
 
 def _build(spec: dict[str, Any]) -> StructuredLinear:

@@ -90,7 +90,8 @@ class StructuredPruning(Technique):
         self.include = validation.check_patterns("include", include)
         self.exclude = validation.check_patterns("exclude", exclude)
         self.start, self.end, self.prune_every = float(start), float(end), prune_every
-        self.penalty, self.temperature, self.threshold_scale = float(penalty), float(temperature), float(threshold_scale)
+        self.penalty, self.temperature = float(penalty), float(temperature)
+        self.threshold_scale = float(threshold_scale)
         self.importance, self.min_keep = importance, min_keep
 
         self.groups: list[Group] = []

@@ -52,7 +52,8 @@ def _spread(value: torch.Tensor, dim: int, kept: torch.Tensor, dense: int, per: 
     return out.reshape(*shape[:dim], blocks * dense * per, *shape[dim + 1:])
 
 
-def expand_state_dict(state_dict: dict[str, torch.Tensor], group_layouts: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def expand_state_dict(state_dict: dict[str, torch.Tensor],
+                      group_layouts: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """``state_dict`` with every pruned tensor re-expanded to the dense shapes."""
     out = dict(state_dict)
     for layout in group_layouts:

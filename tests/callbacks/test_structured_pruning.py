@@ -1,12 +1,11 @@
 """StructuredPruning in a fit: LAPP's FLOPs penalty reaches the thresholds' gradients exactly
 (once per optimizer step), removal carries the optimizer state of the kept rows, the model and
 its executed FLOPs shrink during the run (logged), the magnitude baseline keeps the top group
-norms on a linear schedule, export gives a plain module with the same outputs, resume across a
-removal, CNN channels, bad arguments."""
+norms on a linear schedule, export gives a plain module with the same outputs, a fresh model
+tests a pruned checkpoint, CNN channels, bad arguments (exact resume across removals and DDP:
+tests/contract)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch

@@ -60,7 +60,8 @@ STRUCTURED: dict[str, Setting] = {
     "StructuredFFN-lowrank": Setting(
         StructuredFFN, {"structure": "lowrank", "rank": 8, "guide_fraction": 0.5}, "vit",
         companions=lambda: [FlopsMonitor()], check=_check_ffn, compile_phases=1,
-        fsdp2_refusal=r"StructuredFFN.*drops its dense guides.*ModelParallelStrategy", returned=StructuredFFN.plain_state_dict),
+        fsdp2_refusal=r"StructuredFFN.*drops its dense guides.*ModelParallelStrategy",
+        returned=StructuredFFN.plain_state_dict),
     # block-shuffle (4 blocks) in the GPT from the first step, no guide: nothing changes shape
     # mid-run, so FSDP2 shards the structured layers like any other
     "StructuredFFN-blockshuffle": Setting(

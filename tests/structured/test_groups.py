@@ -51,8 +51,8 @@ def test_importance_is_torch_pruning_group_norm():
         expected = torch.stack([(w1[j].abs() ** p).sum() + (w2[:, j].abs() ** p).sum() for j in range(64)]) / 2
         assert torch.allclose(units.importance(p), expected)
         qkv, proj, d = attn.qkv.weight.detach(), attn.proj.weight.detach(), attn.head_dim
-        per_channel = torch.stack([sum((qkv[w * 32 + c].abs() ** p).sum() for w in range(3)) + (proj[:, c].abs() ** p).sum()
-                                   for c in range(32)]) / 4
+        per_channel = torch.stack([sum((qkv[w * 32 + c].abs() ** p).sum() for w in range(3))
+                                   + (proj[:, c].abs() ** p).sum() for c in range(32)]) / 4
         assert torch.allclose(heads.importance(p), per_channel.reshape(2, d).mean(1))
 
 
