@@ -64,7 +64,7 @@ class StructuredPruning(Technique):
         prune_every: int | None = None,
         penalty: float = 10.0,
         temperature: float = 0.05,
-        threshold_scale: float = 10.0,
+        threshold_scale: float = 2.0,
         importance: Literal["auto", "l1", "l2", "bn"] = "auto",
         min_keep: int = 1,
     ) -> None:
