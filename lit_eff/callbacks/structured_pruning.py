@@ -36,8 +36,9 @@ class StructuredPruning(Technique):
     ``method="lapp"``: each group (a layer's heads, units or channels) masks its members with
     ``σ((s − τ)/T)`` (``s`` importance over the group's largest, ``τ`` a learned threshold), and
     ``λ·max(0, FLOPs(m)/FLOPs_dense − flops_target)²`` joins the loss from ``start`` to ``end``
-    (fractions of training). Every ``prune_every`` steps up to ``end`` the members with mask
-    < 0.5 are removed; at ``end`` the remaining masks fold into the weights and the gates go.
+    (fractions of training). Every ``prune_every`` steps before ``end`` the members with mask
+    < 0.05 are removed; at ``end`` those < 0.5 too, the other masks fold into the weights and the
+    gates go.
     ``method="magnitude"``: at the same steps, every group keeps its members of highest group
     L1/L2 norm, the pruned share growing linearly to the one that meets ``flops_target``.
 
