@@ -46,6 +46,10 @@ class Setting:
     fsdp2_refusal: str | None = None
     # DDP built with find_unused_parameters=True (the technique stops gradients of some parameters)
     find_unused_parameters: bool = False
+    # the state dict the main process's model must hold after a ddp_spawn fit, from the last
+    # checkpoint (default: its "state_dict"): techniques that change the model's structure give
+    # the main process the constructor's structure back, computing the same function
+    returned: Callable[[dict], dict] | None = None
 
     def build(self) -> list[Callback]:
         return [*self.companions(), self.cls(**self.kwargs)]
@@ -385,3 +389,8 @@ SETTINGS.update({
                                                                  "alpha": 0.7, "features": {"blocks.?": "blocks.[12]"}},
                                          "gpt", check=check_distilled("gpt")),
 })
+
+# --- structured techniques (lit_eff.structured) ----------------------------------------------
+from tests.contract.structured_settings import STRUCTURED  # noqa: E402
+
+SETTINGS.update(STRUCTURED)
