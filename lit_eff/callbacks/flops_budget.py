@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_eff.callbacks._logging import log_step
+from lit_eff.callbacks.technique import log_step
 from lit_eff.callbacks.flops_monitor import FlopsMonitor
 
 

@@ -17,7 +17,7 @@ from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.tokens.skip import restore_routers
-from lit_eff.runs.resume import check_resume_state
+from lit_eff.runs.resume import check_resume_state, load_or_explain
 from lit_eff.validation import check_fraction, check_int
 
 
@@ -137,6 +137,9 @@ class ImageClassifier(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_state(self, checkpoint)  # another technique stack: say so, not lists of keys
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return load_or_explain(self, super().load_state_dict, state_dict, strict, assign)
 
     def configure_model(self) -> None:
         shard_model(self, self.model)  # FSDP2 under ModelParallelStrategy; nothing otherwise

@@ -162,24 +162,35 @@ def model_mismatch(path: str, config_model: Any, hparams: Mapping) -> str | None
 
 
 def check_resume_state(module: Any, checkpoint: Mapping) -> None:
-    """Called from a LightningModule's ``on_load_checkpoint`` during ``trainer.fit(ckpt_path=...)``:
-    if the checkpoint's weights do not fit the module as this run's techniques set it up, raise
-    naming both technique stacks (instead of ``load_state_dict``'s lists of keys)."""
+    """Called from a LightningModule's ``on_load_checkpoint``: remember the checkpoint, so that
+    :func:`load_or_explain` can name both technique stacks if its weights do not load."""
     try:
         trainer = module.trainer
     except RuntimeError:  # not attached: load_from_checkpoint and friends
         return
-    if trainer is None or "state_dict" not in checkpoint:
-        return
-    expected, saved = set(module.state_dict()), set(checkpoint["state_dict"])
-    if expected == saved:
-        return
-    path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
-    message = stack_mismatch(path, checkpoint_stack(checkpoint), stateful_stack(trainer.callbacks))
-    if message is None:
-        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-        message = (f"--ckpt_path {path} does not fit {type(module).__name__} as set up here: missing "
-                   f"{missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''}, unexpected "
-                   f"{unexpected[:_SHOWN]}{' ...' if len(unexpected) > _SHOWN else ''}. Was it written with the "
-                   "same model arguments and techniques?")
-    raise ValueError(message)
+    if trainer is not None and "state_dict" in checkpoint:
+        module.__dict__["_resume_checkpoint"] = checkpoint
+
+
+def load_or_explain(module: Any, load: Any, state_dict: Mapping, strict: bool = True, assign: bool = False) -> Any:
+    """``load(state_dict, strict, assign)`` (a module's ``load_state_dict``); when it fails on keys
+    while a run resumes from a checkpoint (:func:`check_resume_state`), raise naming the
+    checkpoint's technique stack and this run's (instead of lists of keys). Techniques that
+    reshape the model on load (load_state_dict pre-hooks) have done so by then."""
+    checkpoint = module.__dict__.pop("_resume_checkpoint", None)
+    try:
+        return load(state_dict, strict=strict, assign=assign)
+    except RuntimeError as error:
+        if checkpoint is None or not any(word in str(error) for word in ("Missing key", "Unexpected key")):
+            raise
+        trainer = module.trainer
+        expected, saved = set(module.state_dict()), set(checkpoint["state_dict"])
+        path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+        message = stack_mismatch(path, checkpoint_stack(checkpoint), stateful_stack(trainer.callbacks))
+        if message is None:
+            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+            message = (f"--ckpt_path {path} does not fit {type(module).__name__} as set up here: missing "
+                       f"{missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''}, unexpected "
+                       f"{unexpected[:_SHOWN]}{' ...' if len(unexpected) > _SHOWN else ''}. Was it written with "
+                       "the same model arguments and techniques?")
+        raise ValueError(message) from error

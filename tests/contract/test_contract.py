@@ -148,7 +148,8 @@ def distributed_runs(tmp_path_factory, request):
     """The selected settings in two CPU processes under DDP and under FSDP2, in one launch
     (tests/contract/distributed_runner.py)."""
     selected = sorted({item.callspec.params["sid"] for item in request.session.items
-                       if getattr(item, "originalname", "") == "test_fsdp2_equals_ddp"})
+                       if getattr(item, "originalname", "") == "test_fsdp2_equals_ddp"
+                       and item.module.__name__ == __name__})
     out = tmp_path_factory.mktemp("distributed")
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
