@@ -62,6 +62,46 @@ TASKS = {
 }
 
 
+# the method card of each study variant: its "At equal FLOPs" block is rewritten from the study
+CARDS = {"nm_2of4_srste": "nm_sparsity", "nm_1of8_pgf": "nm_sparsity", "gmp_unstructured": "magnitude_pruning",
+         "rigl_erk": "dynamic_sparsity", "spdf": "spdf", "token_drop": "token_drop", "token_merge": "token_merge",
+         "token_skip_ltd": "token_skip", "token_skip_mod": "token_skip", "grad_mask": "gradient_masking",
+         "layer_freezing": "layer_freezing", "structured_ffn_lowrank": "structured_ffn"}
+BEGIN, END = "<!-- results: written by benchmarks/results.py -->", "<!-- /results -->"
+
+
+def card_block(rows: list[dict], variants: list[str], tasks: dict) -> str:
+    """One sentence per (variant, task): win / tie / loss against the tuned dense baseline at each budget."""
+    lines = []
+    for variant in variants:
+        for task_name, task in tasks.items():
+            part = sorted((r for r in rows if r["variant"] == variant and r["task"] == task_name),
+                          key=lambda r: r["budget_fraction"])
+            if not part:
+                continue
+            said = "; ".join(f"{r['budget_fraction']:.0%} of the reference: **{r['verdict']}** "
+                             f"({task['metric']} {r['mean']:.4f}, Δ {r['diff']:+.4f} ± {r['diff_ci']:.4f})" for r in part)
+            lines.append(f"- `configs/techniques/{variant}.yaml` on {task_name}, at equal executed FLOPs against the "
+                         f"tuned dense baseline ([results](../results.md#{task_name}-{variant}-"
+                         f"{part[0]['budget_fraction']:g})): {said}.")
+    return "\n".join(lines) or "- Not measured yet: run `python benchmarks/results.py`."
+
+
+def update_cards(rows: list[dict], tasks: dict, docs: str) -> None:
+    for card in sorted(set(CARDS.values())):
+        path = os.path.join(docs, "techniques", card + ".md")
+        if not os.path.exists(path):
+            continue
+        text = open(path).read()
+        if BEGIN not in text:
+            continue
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        block = card_block(rows, [v for v, c in CARDS.items() if c == card], tasks)
+        with open(path, "w") as f:
+            f.write(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
 def stack_fragment(out: str, name: str, parts: list[str]) -> str:
     """One fragment holding the callbacks of several technique fragments, in order."""
     callbacks = []
@@ -279,6 +319,7 @@ def _write(rows: list[dict], task_rows: list[dict], name: str, task: dict, tasks
                              f"{r['executed']:.6g}", f"{r['effective']:.6g}"])
     with open(os.path.join(args.docs, "results.md"), "w") as f:
         f.write(markdown(rows, tasks, args.seeds, args.budgets, command, args.docs))
+    update_cards(rows, tasks, args.docs)
 
 
 if __name__ == "__main__":
