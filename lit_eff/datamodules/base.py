@@ -24,6 +24,12 @@ class KitDataModule(LightningDataModule):
     not the case when ``trainer.estimated_stepping_batches`` is read earlier (``configure_optimizers``
     with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next.
 
+    The training samples may change between epochs: :meth:`epoch_train_samples` (a subclass's
+    subset per epoch, e.g. a continual-learning task) and :meth:`remove_train_samples` (samples
+    left out from an epoch on, e.g. by :class:`~lit_eff.callbacks.DynamicDataRemoval`; part of the
+    checkpoint). Lightning must then rebuild the loader every epoch
+    (``trainer.reload_dataloaders_every_n_epochs=1``), so its epoch length follows.
+
     Subclasses save their hyper-parameters with ``logger=False``: Lightning refuses to log a
     model's and a datamodule's hyper-parameters that share a name with different values, which
     would refuse valid pairings (a 256-token model on 128-token sequences); the run's
@@ -42,6 +48,7 @@ class KitDataModule(LightningDataModule):
         self.test_data: Sequence[torch.Tensor] | Dataset | None = None
         self._train_loader: ResumableLoader | None = None
         self._restored_position: dict[str, int] | None = None
+        self._removals: list[tuple[int, torch.Tensor]] = []  # (from epoch, dataset indices left out)
 
     def train_transform(self, batch: Any, gen: torch.Generator) -> Any:
         return self.eval_transform(batch, gen)
@@ -62,6 +69,7 @@ class KitDataModule(LightningDataModule):
             transform=transform,
             num_workers=self.num_workers,
             resumable=train,
+            samples=self.train_samples if train else None,
         )
         if train and len(loader) == 0:
             raise ValueError(
@@ -70,7 +78,47 @@ class KitDataModule(LightningDataModule):
             )
         if self.trainer is not None and self.trainer.world_size > 1:
             loader.set_distributed(self.trainer.world_size, self.trainer.global_rank)
+        if train and self.trainer is not None:
+            loader.set_epoch(self.trainer.current_epoch)  # a loader rebuilt between epochs: that epoch's samples
         return loader
+
+    # the training samples of each epoch ------------------------------------------------------
+    @property
+    def num_train_samples(self) -> int:
+        """Samples in the training split (before any is left out)."""
+        data = self.train_data
+        if data is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create the training split")
+        return len(data[0]) if isinstance(data, (tuple, list)) else len(data)  # type: ignore[arg-type]
+
+    def epoch_train_samples(self, epoch: int) -> torch.Tensor | None:
+        """The training split's indices ``epoch`` draws from, before removals (``None``: all).
+        Subclasses override it (tasks of continual learning)."""
+        return None
+
+    def train_samples(self, epoch: int) -> torch.Tensor | None:
+        """The training indices ``epoch`` draws from: :meth:`epoch_train_samples` less the removed ones."""
+        chosen = self.epoch_train_samples(epoch)
+        removed = [indices for start, indices in self._removals if start <= epoch]
+        if not removed:
+            return chosen
+        keep = torch.ones(self.num_train_samples, dtype=torch.bool)
+        keep[torch.cat(removed)] = False
+        return keep.nonzero().flatten() if chosen is None else chosen[keep[chosen]]
+
+    def remove_train_samples(self, indices: torch.Tensor, from_epoch: int) -> None:
+        """Leave the training samples ``indices`` (of the training split) out from epoch ``from_epoch`` on."""
+        check_int("from_epoch", from_epoch, minimum=0)
+        indices = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= self.num_train_samples):
+            raise ValueError(f"Expected training sample indices in [0, {self.num_train_samples}), got "
+                             f"min={int(indices.min())}, max={int(indices.max())}")
+        self._removals.append((int(from_epoch), indices.clone()))
+
+    @property
+    def train_loader(self) -> ResumableLoader | None:
+        """The training loader built last (``None`` before ``train_dataloader()``)."""
+        return self._train_loader
 
     def train_dataloader(self) -> ResumableLoader:
         self._train_loader = self._loader(self.train_data, train=True)
@@ -80,9 +128,16 @@ class KitDataModule(LightningDataModule):
         return self._train_loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        state: dict[str, Any] = {}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        if self._removals:
+            state["removed"] = [(start, indices.clone()) for start, indices in self._removals]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._removals = [(int(start), torch.as_tensor(indices, dtype=torch.long))
+                          for start, indices in state_dict.get("removed", [])]
         position = state_dict.get("train_loader")
         if position is None:
             return
