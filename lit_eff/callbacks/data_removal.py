@@ -30,14 +30,13 @@ class DynamicDataRemoval(Technique):
     counting as the run's epochs) or mean loss (``score="loss"``); the lowest
     ``int(int(remove_fraction·N) / (until_epoch / every_n_epochs))`` are left out for the rest of
     training and the statistics restart. Needs a kit datamodule, a LightningModule whose forward
-    returns class logits for batches ``(inputs, labels)``, and
+    returns class logits for batches ``(inputs, labels)``; sets
     ``trainer.reload_dataloaders_every_n_epochs=1``. Logs ``data/kept_samples``, ``data/removed``,
     ``data/unforgettable``. Details: docs/techniques/data_removal.md.
 
     Example::
 
         trainer:
-          reload_dataloaders_every_n_epochs: 1
           callbacks+:
             - class_path: lit_eff.callbacks.DynamicDataRemoval
               init_args: {remove_fraction: 0.3, every_n_epochs: 5, until_epoch: 20}
@@ -69,10 +68,17 @@ class DynamicDataRemoval(Technique):
             raise ValueError(f"{self.name} needs a kit datamodule (a lit_eff.datamodules.KitDataModule, whose loader "
                              f"can leave samples out between epochs and resume exactly), got "
                              f"{type(data).__name__ if data is not None else 'dataloaders passed to fit()'}")
-        if trainer.reload_dataloaders_every_n_epochs != 1:
+        split = data.train_data
+        if isinstance(split, (tuple, list)) and (len(split) != 2 or split[1].ndim != 1):
+            raise ValueError(f"{self.name} ranks samples by how the model classifies them, so it needs batches "
+                             f"(inputs, labels) with one class label per sample; {type(data).__name__} holds "
+                             f"{len(split)} tensors of shapes {[tuple(t.shape) for t in split]}")
+        reload = trainer.reload_dataloaders_every_n_epochs
+        if reload > 1:
             raise ValueError(f"{self.name} changes the training samples between epochs, so Lightning must rebuild the "
-                             f"training loader every epoch: set trainer.reload_dataloaders_every_n_epochs=1, got "
-                             f"{trainer.reload_dataloaders_every_n_epochs}")
+                             f"training loader every epoch: expected trainer.reload_dataloaders_every_n_epochs 0 or "
+                             f"1, got {reload}")
+        trainer.reload_dataloaders_every_n_epochs = 1  # the epoch's length follows the samples kept
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._capture)
 
@@ -89,8 +95,8 @@ class DynamicDataRemoval(Technique):
                              f"x {trainer.world_size} processes. Lower `remove_fraction`")
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
         if per == 0:
-            validation.warn_inactive(self.name, "remove_fraction", self.remove_fraction, total,
-                                     "it removes fewer than one of the training samples per removal")
+            rank_zero_warn(f"{self.name}: remove_fraction={self.remove_fraction} removes nothing: fewer than one of "
+                           f"the {total} training samples per removal")
         elif max_epochs is not None and max_epochs <= epochs[0]:
             rank_zero_warn(f"{self.name} removes samples from epoch {epochs[0]} on, but the run stops after "
                            f"max_epochs={max_epochs}: it will remove nothing")
