@@ -22,7 +22,9 @@ class KitDataModule(LightningDataModule):
     The training loader's position is also the datamodule's own checkpoint state: Lightning
     restores a loader's state only when it creates the loader after restoring the loops, which is
     not the case when ``trainer.estimated_stepping_batches`` is read earlier (``configure_optimizers``
-    with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next.
+    with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next, to
+    take up when the epoch starts: until then the loader's length is the one the uninterrupted run
+    gave Lightning's estimate (which sizes learning-rate schedules), even where epochs shrink.
 
     The training samples may change between epochs: :meth:`epoch_train_samples` (a subclass's
     subset per epoch, e.g. a continual-learning task) and :meth:`remove_train_samples` (samples
@@ -123,7 +125,7 @@ class KitDataModule(LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         self._train_loader = self._loader(self.train_data, train=True)
         if self._restored_position is not None:
-            self._train_loader.load_state_dict(self._restored_position)
+            self._train_loader.defer_state(self._restored_position)
             self._restored_position = None
         return self._train_loader
 

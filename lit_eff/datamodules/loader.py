@@ -97,6 +97,7 @@ class ResumableLoader:
         self._started = False
         self._keep_position = False
         self._iterating: tuple[int, list[torch.Tensor]] | None = None  # (epoch, batches) being yielded
+        self._deferred: dict[str, int] | None = None  # a position to take up when iteration starts
         self.sampler = _EpochSetter(self)
         self.batch_sampler = None  # read by Lightning next to `sampler`
 
@@ -169,9 +170,22 @@ class ResumableLoader:
 
     # state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
+        self._take_deferred()
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
 
+    def defer_state(self, state: dict[str, int]) -> None:
+        """Take up ``state`` when Lightning starts the epoch (``set_epoch``/``iter()``), keeping
+        ``len()`` at the current epoch until then: a loader built before Lightning restores its
+        loops reports the length the uninterrupted run reported at that point (its
+        ``estimated_stepping_batches``), also where epochs differ in length."""
+        self._deferred = dict(state)
+
+    def _take_deferred(self) -> None:
+        if self._deferred is not None:
+            self.load_state_dict(self._deferred)
+
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._deferred = None
         self.epoch = int(state.get("epoch", 0))
         self.consumed = int(state.get("consumed", 0))
         self.seed = int(state.get("seed", self.seed))
@@ -180,6 +194,7 @@ class ResumableLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (from its start unless it is the restored epoch)."""
+        self._take_deferred()
         if epoch != self.epoch:
             self.epoch, self.consumed = int(epoch), 0
         self._started = True
@@ -188,6 +203,7 @@ class ResumableLoader:
     # iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         # a generator: nothing below runs until the first batch is asked for
+        self._take_deferred()
         if not self.resumable:
             epoch, start = self.epoch, 0
         else:

@@ -402,7 +402,7 @@ from lit_eff.callbacks import DynamicDataRemoval  # noqa: E402
 
 
 def _check_data_removal(trainer: Trainer, technique: DynamicDataRemoval) -> None:
-    # the first epoch (6 batches of 32) ends with a removal of int(0.1 * 1257) samples among those presented
+    # the first epoch (6 batches of 32) ends with a removal of int(0.1 * 1258) samples among those presented
     data = trainer.datamodule
     removed = technique.removed[1]
     assert len(removed) == int(0.1 * data.num_train_samples) == 125
