@@ -79,20 +79,22 @@ class DynamicDataRemoval(Technique):
                              f"training loader every epoch: expected trainer.reload_dataloaders_every_n_epochs 0 or "
                              f"1, got {reload}")
         trainer.reload_dataloaders_every_n_epochs = 1  # the epoch's length follows the samples kept
+        total, epochs = data.num_train_samples, self.schedule.epochs()
+        per = self.schedule.per_removal(total)
+        left = total - per * len(epochs)
+        if left < data.batch_size * trainer.world_size:
+            raise ValueError(f"Expected {self.name} to leave at least one batch per process: removing {per} samples at "
+                             f"each of epochs {epochs} leaves {left} of {total}, fewer than batch_size={data.batch_size} "
+                             f"x {trainer.world_size} processes. Lower `remove_fraction`")
+        data.plan_removals({epoch: per for epoch in epochs})  # sizes the run's schedules (planned_steps)
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._capture)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data: KitDataModule = trainer.datamodule
-        total = data.num_train_samples
+        total, epochs = data.num_train_samples, self.schedule.epochs()
         per = self.schedule.per_removal(total)
-        epochs = self.schedule.epochs()
-        left = total - per * len(epochs)
-        if left < data.batch_size * trainer.world_size:
-            raise ValueError(f"Expected {self.name} to leave at least one batch per process: removing {per} samples at "
-                             f"each of epochs {epochs} leaves {left} of {total}, fewer than batch_size={data.batch_size} "
-                             f"x {trainer.world_size} processes. Lower `remove_fraction`")
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
         if per == 0:
             rank_zero_warn(f"{self.name}: remove_fraction={self.remove_fraction} removes nothing: fewer than one of "
@@ -100,11 +102,6 @@ class DynamicDataRemoval(Technique):
         elif max_epochs is not None and max_epochs <= epochs[0]:
             rank_zero_warn(f"{self.name} removes samples from epoch {epochs[0]} on, but the run stops after "
                            f"max_epochs={max_epochs}: it will remove nothing")
-        elif max_epochs is not None and (trainer.max_steps is None or trainer.max_steps < 0):
-            rank_zero_warn(f"{self.name} shortens the epochs from epoch {epochs[0]} on: with max_epochs={max_epochs} "
-                           f"the run takes fewer optimizer steps than Lightning estimated when it started (schedules "
-                           f"fixed on that count, like the learning rate's, end early). Set trainer.max_steps to fix "
-                           f"the run's length in steps (it then takes more epochs)")
         self._never_learned = max_epochs if max_epochs is not None else 2**31 - 1
         if self.stats is None:
             self.stats = SampleStats(total)
@@ -168,7 +165,12 @@ class DynamicDataRemoval(Technique):
         else:
             scores = self.stats.mean_loss().cpu()
         order = removal_order(scores, candidates, generator(run_seed(), "data-removal", epoch))
-        removed = order[: self.schedule.per_removal(data.num_train_samples)].sort().values
+        per = self.schedule.per_removal(data.num_train_samples)
+        removed = order[:per].sort().values
+        if len(removed) < per:
+            rank_zero_warn(f"{self.name} removes {len(removed)} samples before epoch {epoch}, fewer than the {per} "
+                           f"planned: only {len(candidates)} were presented since the last removal (the run's "
+                           f"schedules were sized for {per})")
         data.remove_train_samples(removed, from_epoch=epoch)
         self.removed[epoch] = removed
         self.stats.reset()

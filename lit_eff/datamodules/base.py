@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class KitDataModule(LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._restored_position: dict[str, int] | None = None
         self._removals: list[tuple[int, torch.Tensor]] = []  # (from epoch, dataset indices left out)
+        self._planned: dict[int, int] = {}  # from epoch -> samples that will be left out then
 
     def train_transform(self, batch: Any, gen: torch.Generator) -> Any:
         return self.eval_transform(batch, gen)
@@ -116,6 +118,27 @@ class KitDataModule(LightningDataModule):
             raise ValueError(f"Expected training sample indices in [0, {self.num_train_samples}), got "
                              f"min={int(indices.min())}, max={int(indices.max())}")
         self._removals.append((int(from_epoch), indices.clone()))
+
+    def plan_removals(self, counts: dict[int, int]) -> None:
+        """Announce that ``counts[e]`` more training samples will be left out from epoch ``e`` on, so
+        :meth:`planned_steps` can size the run before they are chosen."""
+        self._planned = {int(epoch): int(n) for epoch, n in counts.items()}
+
+    def planned_steps(self, trainer: Any) -> int | None:
+        """The optimizer steps of a ``max_epochs`` run whose epochs shrink as planned (what
+        ``trainer.estimated_stepping_batches``, sized on the first epoch, would overstate); ``None``
+        without a plan or when ``max_steps`` alone sets the run's length."""
+        if not self._planned or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None
+        total, world, limit = 0, max(trainer.world_size, 1), trainer.limit_train_batches
+        for epoch in range(max(trainer.max_epochs, 1)):
+            chosen = self.epoch_train_samples(epoch)
+            count = self.num_train_samples if chosen is None else len(chosen)
+            count -= sum(n for start, n in self._planned.items() if start <= epoch)
+            batches = math.ceil(count / world) // self.batch_size  # the training loader drops the last batch
+            batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+            total += math.ceil(batches / trainer.accumulate_grad_batches)
+        return total if trainer.max_steps == -1 else min(total, trainer.max_steps)
 
     @property
     def train_loader(self) -> ResumableLoader | None:

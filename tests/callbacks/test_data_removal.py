@@ -16,6 +16,7 @@ from lit_eff.data import RemovalSchedule, SampleStats, removal_order
 from lit_eff.datamodules import TextDataModule
 from lit_eff.datamodules.loader import ResumableLoader
 from lit_eff.flops import count_flops
+from lit_eff.validation import stepping_batches
 from tests.helpers import digits, flat_state, make_trainer, max_abs_diff, seeded, tiny_gpt, tiny_vit
 
 
@@ -138,6 +139,9 @@ def test_removal_shrinks_epochs_and_resume_after_it_is_exact(tmp_path):
     batch = next(iter(data.train_dataloader()))
     per_step = count_flops(lambda: model(batch[0])).total
     assert [flops for _, flops in recorder.epochs] == [9 * per_step, 9 * per_step, 4 * per_step, 4 * per_step]
+    # the learning-rate schedule was sized on the steps the run takes, not on 4 epochs of 9 batches
+    assert stepping_batches(trainer) == trainer.global_step == 26 < 4 * 9
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     # the removed samples are those with the fewest forgetting events over epochs 0-1 (official counting)
     history: dict[int, list[int]] = {}
     for epoch, indices, correct in recorder.steps:
