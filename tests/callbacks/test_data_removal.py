@@ -5,6 +5,8 @@ FSDP2: the contract table.)"""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_eff.callbacks import DynamicDataRemoval, FlopsMonitor
 from lit_eff.data import RemovalSchedule, SampleStats, removal_order
-from lit_eff.datamodules import TextDataModule
+from lit_eff.datamodules import SyntheticImageDataModule, TextDataModule
 from lit_eff.datamodules.loader import ResumableLoader
 from lit_eff.flops import count_flops
 from lit_eff.validation import stepping_batches
@@ -89,6 +91,33 @@ def test_loader_draws_each_epoch_from_its_sample_set_and_ranks_split_it():
         loader.set_distributed(2, rank)
     assert sorted(torch.cat([r.epoch_indices(1) for r in ranks]).tolist()) == list(range(0, 20, 2))
     assert single.batch_indices(3, epoch=1).tolist() == single.epoch_batches(1)[3].tolist()
+
+
+class TaskSplit(SyntheticImageDataModule):
+    """Two tasks: epochs 0-1 draw the first half of the training split, epochs 2-3 the second."""
+
+    def epoch_train_samples(self, epoch):
+        half = self.num_train_samples // 2
+        return torch.arange(half) if epoch < 2 else torch.arange(half, self.num_train_samples)
+
+
+def test_datamodule_sample_sets_removals_and_their_state():
+    data = TaskSplit(image_size=4, in_chans=1, num_samples=20, batch_size=2)
+    data.setup("fit")
+    data.remove_train_samples(torch.tensor([1, 3, 15]), from_epoch=1)
+    assert data.train_samples(0).tolist() == list(range(10))
+    assert data.train_samples(1).tolist() == [0, 2, 4, 5, 6, 7, 8, 9]
+    assert data.train_samples(2).tolist() == [10, 11, 12, 13, 14, 16, 17, 18, 19]
+    data.plan_removals({1: 3})
+    trainer = SimpleNamespace(max_epochs=3, max_steps=-1, world_size=1, limit_train_batches=1.0,
+                              accumulate_grad_batches=1)
+    assert data.planned_steps(trainer) == 5 + 3 + 3  # 10, 7 and 7 samples in batches of 2 (last dropped)
+    restored = TaskSplit(image_size=4, in_chans=1, num_samples=20, batch_size=2)
+    restored.setup("fit")
+    restored.load_state_dict(data.state_dict())
+    assert restored.train_samples(2).tolist() == data.train_samples(2).tolist()
+    with pytest.raises(ValueError, match=r"indices in \[0, 20\), got min=0, max=20"):
+        data.remove_train_samples(torch.tensor([0, 20]), from_epoch=1)
 
 
 # --------------------------------------------------------------------------------------------
