@@ -20,5 +20,4 @@ from lit_eff.callbacks.token_skip import TokenSkip
 __all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "GradientMasking", "LayerFreezing",
            "MagnitudePruning", "NMSparsity", "SparsityMonitor",
            "StaticSparsity", "StructuredFFN", "StructuredPruning", "TokenDrop", "TokenMerge", "TokenSkip",
-           "KnowledgeDistillation"]
-__all__ += ["DynamicDataRemoval"]
+           "KnowledgeDistillation", "DynamicDataRemoval"]
