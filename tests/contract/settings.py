@@ -396,3 +396,27 @@ SETTINGS.update({
 from tests.contract.structured_settings import STRUCTURED  # noqa: E402
 
 SETTINGS.update(STRUCTURED)
+
+# --- dynamic data removal (lit_eff.data) -------------------------------------------------------
+import torch  # noqa: E402
+
+from lit_eff.callbacks import DynamicDataRemoval  # noqa: E402
+
+
+def _check_data_removal(trainer: Trainer, technique: DynamicDataRemoval) -> None:
+    # the first epoch (6 batches of 32) ends with a removal of int(0.1 * 1258) samples among those presented
+    data = trainer.datamodule
+    removed = technique.removed[1]
+    assert len(removed) == int(0.1 * data.num_train_samples) == 125
+    kept = data.train_samples(1)
+    assert len(kept) == data.num_train_samples - 125 and not set(removed.tolist()) & set(kept.tolist())
+    presented = set(torch.cat(data.train_loader.epoch_batches(0)[:6]).tolist())
+    assert set(removed.tolist()) <= presented
+    assert trainer.num_training_batches == 6 and trainer.reload_dataloaders_every_n_epochs == 1
+
+
+SETTINGS.update({
+    # removal before epoch 1 (step 6; every epoch is 6 batches here)
+    "DynamicDataRemoval": Setting(DynamicDataRemoval, {"remove_fraction": 0.1, "every_n_epochs": 1, "until_epoch": 1},
+                                  "vit", check=_check_data_removal),
+})
