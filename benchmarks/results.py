@@ -163,35 +163,31 @@ def run_task(name: str, task: dict, seeds: list[int], budgets: list[float], out:
         rows: list[dict] = []
         budget = fraction * unit
         where = os.path.join(root, f"budget{fraction:g}")
-        # dense over the learning-rate grid (the base lr runs with the techniques below)
+        # dense over the learning-rate grid; each variant is its own sweep, so a study can grow
         dense: dict[float, list] = {}
-        base_lr = yaml.safe_load(open(base))["model"]["init_args"]["lr"]
         for lr in task["lrs"]:
-            if math.isclose(lr, base_lr):
-                continue
             grid = sweep(base, [], budget, seeds, task["metric"], out=os.path.join(where, f"dense_lr{lr:g}"),
                          extra=[task["lr_arg"], str(lr), *QUIET], resume=True)
             dense[lr] = finals(grid, "dense")
-        result = sweep(base, fragments, budget, seeds, task["metric"], out=os.path.join(where, "techniques"),
-                       extra=QUIET, resume=True)
-        effective = report([os.path.join(where, "techniques", "runs")], task["metric"], "effective",
-                           os.path.join(where, "techniques"))
-        dense[base_lr] = finals(result, "dense")
+        base_lr = yaml.safe_load(open(base))["model"]["init_args"]["lr"]
         pick = max if task["higher"] else min
         best_lr = pick(dense, key=lambda lr: statistics.mean(v for v, _, _ in dense[lr]))
         baseline = [v for v, _, _ in dense[best_lr]]
-        dense_time = statistics.mean(w for _, _, w in dense[base_lr])
-        eff = {run.variant: [] for run in effective.runs}
-        for run in effective.runs:
-            eff[run.variant].append(run.total_flops)
+        base_runs = next((dense[lr] for lr in dense if math.isclose(lr, base_lr)), dense[best_lr])
+        dense_time = statistics.mean(w for _, _, w in base_runs)
         for lr, values in sorted(dense.items()):
             rows.append({**_row(name, fraction, budget, f"dense (lr {lr:g})" + (" ★" if lr == best_lr else ""), values,
                                 baseline, task["higher"], dense_time, [f for _, f, _ in values]), "lr": lr})
-        for variant in [os.path.splitext(os.path.basename(f))[0] for f in fragments]:
+        for fragment in fragments:
+            variant = os.path.splitext(os.path.basename(fragment))[0]
+            out_variant = os.path.join(where, variant)
+            result = sweep(base, [fragment], budget, seeds, task["metric"], out=out_variant, extra=QUIET,
+                           resume=True, dense=False)
+            effective = report([os.path.join(out_variant, "runs")], task["metric"], "effective", out_variant)
             values = finals(result, variant)
             if values:
                 rows.append(_row(name, fraction, budget, variant, values, baseline, task["higher"], dense_time,
-                                 eff.get(variant, [])))
+                                 [run.total_flops for run in effective.runs]))
         yield rows
 
 

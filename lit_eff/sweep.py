@@ -53,12 +53,13 @@ def _check_file(argument: str, path: str) -> None:
 
 
 def plan(base: str, techniques: list[str], seeds: list[int], out: str,
-         resume: bool = False) -> list[tuple[str, str | None, int, str]]:
-    """(variant, fragment, seed, run folder) of every run, checked before any run starts."""
+         resume: bool = False, dense: bool = True) -> list[tuple[str, str | None, int, str]]:
+    """(variant, fragment, seed, run folder) of every run, checked before any run starts
+    (``dense=False``: the techniques only, without the base config alone)."""
     _check_file("--base", base)
     for fragment in techniques:
         _check_file("--techniques", fragment)
-    variants: dict[str, str | None] = {"dense": None}
+    variants: dict[str, str | None] = {"dense": None} if dense else {}
     for fragment in techniques:
         name = os.path.splitext(os.path.basename(fragment))[0]
         if name in variants:
@@ -147,7 +148,7 @@ class _Signals:
 
 def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], metric: str | None = None,
           flops: str = "executed", out: str = "sweep", extra: list[str] | tuple = (),
-          resume: bool = False, plan_runs: bool = True) -> ReportResult:
+          resume: bool = False, plan_runs: bool = True, dense: bool = True) -> ReportResult:
     """Run every (variant, seed) of the sweep, then write and return the report. Raises
     ``SystemExit(143)`` (SIGTERM) or ``SystemExit(130)`` (SIGINT) when stopped; ``resume``
     continues a stopped sweep."""
@@ -155,7 +156,7 @@ def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], met
         raise ValueError(f"Expected --budget > 0 (training FLOPs), got {budget}")
     if flops not in FLOPS_TAGS:
         raise ValueError(f"Expected --flops in {tuple(FLOPS_TAGS)}, got {flops!r}")
-    runs = plan(base, techniques, seeds, out, resume)
+    runs = plan(base, techniques, seeds, out, resume, dense)
     arguments = {"base": base, "techniques": list(techniques), "budget": budget, "seeds": list(seeds),
                  "flops": flops, "extra": list(extra), "plan": plan_runs}
     state = _State(out, arguments, resume)
