@@ -129,8 +129,8 @@ class MaskGroup:
         grads = [local(w.grad) for w, _ in pairs]
         dense = [local(w).to(g.dtype) for (w, _), g in zip(pairs, grads)]
         values = [local_part(v, w).to(g.dtype) for (w, v), g in zip(pairs, grads)]
-        pruned = torch._foreach_add(torch._foreach_neg(values), 1.0)
-        torch._foreach_addcmul_(grads, dense, pruned, value=scale)
+        kept_less_one = torch._foreach_sub(values, 1.0)  # E − 1 = −(1 − E): one pass, then one fused add
+        torch._foreach_addcmul_(grads, dense, kept_less_one, value=-scale)
 
     @torch.no_grad()
     def zero_pruned(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:

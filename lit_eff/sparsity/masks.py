@@ -59,20 +59,20 @@ def _rank_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Keep the ``n`` largest of each row of ``scores`` [G, m] by pairwise comparison.
 
     The rank of column i counts the columns that beat it: larger, or equal and to its left.
-    ``m * (m - 1)`` elementwise comparisons on [G] vectors; fastest for small ``m``.
+    One comparison per pair of columns (``m(m−1)/2`` on [G] vectors) settles both ranks: if
+    column i (left of j) is ``>=`` column j, it beats j, otherwise j beats i. Fastest for small ``m``.
     """
     m = scores.shape[1]
     cols = scores.unbind(1)
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    rank = torch.empty(scores.shape[0], dtype=torch.uint8, device=scores.device)
+    ranks = [torch.full(scores.shape[:1], m - 1 - i, dtype=torch.uint8, device=scores.device) for i in range(m)]
     for i in range(m):
-        rank.zero_()
-        for j in range(m):
-            if j < i:
-                rank += cols[j] >= cols[i]
-            elif j > i:
-                rank += cols[j] > cols[i]
-        torch.lt(rank, n, out=keep[:, i])
+        for j in range(i + 1, m):
+            left_wins = torch.ge(cols[i], cols[j]).view(torch.uint8)
+            ranks[j] += left_wins
+            ranks[i] -= left_wins  # starts at m−1−i: every column right of i beats it unless i wins
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for i in range(m):
+        torch.lt(ranks[i], n, out=keep[:, i])
     return keep
 
 

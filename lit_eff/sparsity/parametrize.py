@@ -76,8 +76,9 @@ class Mask(nn.Module):
     Use :func:`attach_mask`, :func:`set_mask` and :func:`set_beta` rather than editing the
     buffers, so that :attr:`mode` and the density reported for FLOP counting stay right.
 
-    The straight-through gradient is ``stop_grad(W ⊙ (E + β(1−E))) + (W − stop_grad(W))``: the
-    value is exactly the masked weight and the gradient reaches ``W`` through one subtraction.
+    The straight-through gradient: forward computes exactly the masked weight, backward passes
+    the gradient of the effective weight unchanged to ``W`` (a custom autograd function: one
+    multiply in forward, no work in backward).
     """
 
     def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True) -> None:
@@ -107,12 +108,9 @@ class Mask(nn.Module):
         return self._masked(weight, self.mask_values, self.mask)
 
     def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        binary = self.mode == "binary"
-        if not self.ste:
-            return weight * values if binary else torch.where(mask, weight, weight * self.beta)
-        dense = weight.detach()
-        masked = dense * values if binary else torch.where(mask, dense, dense * self.beta)
-        return masked + (weight - dense)
+        if self.ste:
+            return _StraightThrough.apply(weight, values, mask, self.beta, self.mode == "binary")
+        return _mask_value(weight, values, mask, self.beta, self.mode == "binary")
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # `module.weight = value` sets the dense weight
@@ -120,6 +118,28 @@ class Mask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, ste={self.ste}, mode={self.mode}"
+
+
+def _mask_value(weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor,
+                binary: bool) -> torch.Tensor:
+    return weight * values if binary else torch.where(mask, weight, weight * beta)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The masked weight in forward (one multiply), its gradient passed unchanged to ``W``: the
+    straight-through estimator with no extra pass over the weight in forward or backward."""
+
+    @staticmethod
+    def forward(weight, values, mask, beta, binary):
+        return _mask_value(weight, values, mask, beta, binary)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
