@@ -131,7 +131,7 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[st
     for i, view in enumerate(views):
         groups.setdefault((view.device, view.dtype), []).append(i)
     for members in groups.values():
-        scores = torch.cat([views[i].abs().reshape(-1, m) for i in members])
+        scores = torch.cat([views[i].reshape(-1, m) for i in members]).abs_()
         scores.nan_to_num_(nan=-1.0, posinf=math.inf)  # NaN ranks below every |w| (an exact n per group)
         keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
         for i, part in zip(members, keep.split([views[i].numel() // m for i in members])):
