@@ -8,16 +8,14 @@ Two measures, side by side in one process (the job of timm_steps.py, one thread)
 - end to end: Lightning with vs without FlopsMonitor, alternating rounds, median steps (noisy
   on a busy machine: a 1% effect needs an idle one).
 
-    OMP_NUM_THREADS=1 python benchmarks/flops_monitor_cost.py [--steps 40] [--rounds 6]
+    OMP_NUM_THREADS=1 python benchmarks/flops_monitor_cost.py [--steps 40] [--rounds 6] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import statistics
-import time
-
 import torch
-from timm_steps import alternate, arguments, fit, ratio
+from timm_steps import alternate, arguments, fit, now, ratio
 
 from lit_eff.callbacks import FlopsMonitor
 
@@ -36,11 +34,11 @@ class TimedFlopsMonitor(FlopsMonitor):
 
     def _timed(self, method):
         def run(*args, **kwargs):
-            start = time.perf_counter()
+            start = now()
             try:
                 return method(*args, **kwargs)
             finally:
-                self._now += time.perf_counter() - start
+                self._now += now() - start
                 if method.__name__ == "on_train_batch_end":
                     self.spent.append(self._now)
                     self._now = 0.0

@@ -3,7 +3,7 @@
 One thread, variants alternating in one process, median of steady-state steps (see
 timm_steps.py for the job). Prints one ``RATIO`` line per variant: its step time over dense.
 
-    OMP_NUM_THREADS=1 python benchmarks/nm_step.py [--steps 40] [--rounds 6] [--profile]
+    OMP_NUM_THREADS=1 python benchmarks/nm_step.py [--steps 40] [--rounds 6] [--clock wall|cpu] [--profile]
 """
 
 from __future__ import annotations

@@ -7,15 +7,14 @@ variants alternate in one process: plain loop dense / TokenDrop (the reducer att
 FlopsMonitor). Printed: each speedup over its own dense, and the Lightning speedup over the
 plain-loop one (goal >= 0.95).
 
-    OMP_NUM_THREADS=1 python benchmarks/token_drop_lightning.py [--steps 30] [--rounds 5]
+    OMP_NUM_THREADS=1 python benchmarks/token_drop_lightning.py [--steps 30] [--rounds 5] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+import timm_steps
 from timm_steps import alternate, arguments, data, fit, ratio, vit
 
 from lit_eff.callbacks import FlopsMonitor, TokenDrop
@@ -35,7 +34,7 @@ def plain(steps: int, drop: bool, warmup: int = 5) -> list[float]:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            now = time.perf_counter()
+            now = timm_steps.now()
             if last is not None:
                 times.append(now - last)
             last, done = now, done + 1

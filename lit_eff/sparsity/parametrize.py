@@ -76,9 +76,8 @@ class Mask(nn.Module):
     Use :func:`attach_mask`, :func:`set_mask` and :func:`set_beta` rather than editing the
     buffers, so that :attr:`mode` and the density reported for FLOP counting stay right.
 
-    The straight-through gradient: forward computes exactly the masked weight, backward passes
-    the gradient of the effective weight unchanged to ``W`` (a custom autograd function: one
-    multiply in forward, no work in backward).
+    The straight-through weight is ``W + stop_grad(W) ⊙ (E − 1)``: one fused multiply-add whose
+    value is exactly ``W ⊙ E`` and whose gradient reaches ``W`` unchanged (no work in backward).
     """
 
     def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True) -> None:
@@ -87,6 +86,9 @@ class Mask(nn.Module):
         self.register_buffer("beta", torch.tensor(float(beta), device=mask.device))
         # the mask as numbers, for fused multiplies (kept in the weight's dtype by set_mask)
         self.register_buffer("mask_values", mask.float(), persistent=False)
+        # E − 1 (0 kept, −1 pruned): the straight-through forward W + stop_grad(W)(E − 1) and the
+        # SR-STE term read it, one fused multiply-add each
+        self.register_buffer("kept_minus_one", self.mask_values - 1, persistent=False)
         self.ste = ste
         self._beta = float(beta)  # host copies: reporting a density or choosing a mode needs no sync
         self._density = _mask_density(mask)
@@ -102,15 +104,27 @@ class Mask(nn.Module):
         if self.mode == "identity":  # an all-ones mask
             return weight
         if is_sharded(weight):  # `module.weight` read outside FSDP2's forward: mask this rank's shard
-            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight))
+            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight),
+                               local_part(self.kept_minus_one, weight))
             return DTensor.from_local(out, weight.device_mesh, weight.placements, shape=weight.shape,
                                       stride=weight.stride())
-        return self._masked(weight, self.mask_values, self.mask)
+        return self._masked(weight, self.mask_values, self.mask, self.kept_minus_one)
 
-    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.ste:
-            return _StraightThrough.apply(weight, values, mask, self.beta, self.mode == "binary")
-        return _mask_value(weight, values, mask, self.beta, self.mode == "binary")
+    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                kept_minus_one: torch.Tensor) -> torch.Tensor:
+        binary = self.mode == "binary"
+        if not self.ste:
+            return weight * values if binary else torch.where(mask, weight, weight * self.beta)
+        dense = weight.detach()
+        if binary:  # W + stop_grad(W)(E − 1): exactly W ⊙ E (w − w = 0), gradient straight to W
+            return torch.addcmul(weight, dense, kept_minus_one)
+        return torch.where(mask, dense, dense * self.beta) + (weight - dense)
+
+    @torch.no_grad()
+    def set_values(self) -> None:
+        """Refresh the numeric copies of the mask (``mask_values``, ``kept_minus_one``)."""
+        self.mask_values.copy_(self.mask)
+        torch.sub(self.mask_values, 1, out=self.kept_minus_one)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # `module.weight = value` sets the dense weight
@@ -118,28 +132,6 @@ class Mask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, ste={self.ste}, mode={self.mode}"
-
-
-def _mask_value(weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor,
-                binary: bool) -> torch.Tensor:
-    return weight * values if binary else torch.where(mask, weight, weight * beta)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """The masked weight in forward (one multiply), its gradient passed unchanged to ``W``: the
-    straight-through estimator with no extra pass over the weight in forward or backward."""
-
-    @staticmethod
-    def forward(weight, values, mask, beta, binary):
-        return _mask_value(weight, values, mask, beta, binary)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +195,7 @@ def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
     for p in _masks_of(module):
         p._beta = float(p.beta)
         p._density = _mask_density(p.mask)
-        p.mask_values.copy_(p.mask)
+        p.set_values()
         p._settle()
     _report(module)
 
@@ -238,6 +230,7 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
     mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None else _as_mask(mask, weight)
     param = Mask(mask.clone(), beta, ste)
     param.mask_values = param.mask_values.to(weight.dtype)
+    param.kept_minus_one = param.kept_minus_one.to(weight.dtype)
     param._order = list(module._parameters)  # export puts the weight back in its place
     parametrize.register_parametrization(module, name, param, unsafe=True)
     if _refresh_after_load not in module._load_state_dict_post_hooks.values():
@@ -266,7 +259,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight", densit
     """
     param = _require(module, name)
     param.mask.copy_(_as_mask(mask, param.mask))
-    param.mask_values.copy_(param.mask)
+    param.set_values()
     param._density = _mask_density(param.mask) if density is None else float(density)
     param._settle()
     _report(module)
