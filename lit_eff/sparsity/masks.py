@@ -55,13 +55,25 @@ def _input_last(weight: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # N:M
 # ---------------------------------------------------------------------------------------------
+_BLOCK = 1 << 18  # scores ranked at a time on CPU (1 MiB of float32): the comparisons stay in cache
+
+
 def _rank_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Keep the ``n`` largest of each row of ``scores`` [G, m] by pairwise comparison.
 
     The rank of column i counts the columns that beat it: larger, or equal and to its left.
     One comparison per pair of columns (``m(m−1)/2`` on [G] vectors) settles both ranks: if
-    column i (left of j) is ``>=`` column j, it beats j, otherwise j beats i. Fastest for small ``m``.
+    column i (left of j) is ``>=`` column j, it beats j, otherwise j beats i. Fastest for small
+    ``m``; on CPU the rows go in cache-sized blocks (each comparison reads every column's memory).
     """
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    rows = max(1, _BLOCK // scores.shape[1]) if scores.device.type == "cpu" else max(1, scores.shape[0])
+    for start in range(0, scores.shape[0], rows):
+        _rank_block(scores[start:start + rows], n, keep[start:start + rows])
+    return keep
+
+
+def _rank_block(scores: torch.Tensor, n: int, keep: torch.Tensor) -> None:
     m = scores.shape[1]
     cols = scores.unbind(1)
     ranks = [torch.full(scores.shape[:1], m - 1 - i, dtype=torch.uint8, device=scores.device) for i in range(m)]
@@ -70,10 +82,8 @@ def _rank_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
             left_wins = torch.ge(cols[i], cols[j]).view(torch.uint8)
             ranks[j] += left_wins
             ranks[i] -= left_wins  # starts at m−1−i: every column right of i beats it unless i wins
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     for i in range(m):
         torch.lt(ranks[i], n, out=keep[:, i])
-    return keep
 
 
 def _topk_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
