@@ -58,18 +58,24 @@ def _input_last(weight: torch.Tensor) -> torch.Tensor:
 _BLOCK = 1 << 18  # scores ranked at a time on CPU (1 MiB of float32): the comparisons stay in cache
 
 
-def _rank_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep the ``n`` largest of each row of ``scores`` [G, m] by pairwise comparison.
+def _magnitudes_(weights: torch.Tensor) -> torch.Tensor:
+    """``|w|`` in place, NaN as −1: it ranks below every magnitude (an exact n per group)."""
+    return weights.abs_().nan_to_num_(nan=-1.0, posinf=math.inf)
+
+
+def _rank_keep(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the ``n`` largest ``|w|`` of each row of ``weights`` [G, m] (overwritten with its
+    magnitudes) by pairwise comparison.
 
     The rank of column i counts the columns that beat it: larger, or equal and to its left.
     One comparison per pair of columns (``m(m−1)/2`` on [G] vectors) settles both ranks: if
     column i (left of j) is ``>=`` column j, it beats j, otherwise j beats i. Fastest for small
     ``m``; on CPU the rows go in cache-sized blocks (each comparison reads every column's memory).
     """
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    rows = max(1, _BLOCK // scores.shape[1]) if scores.device.type == "cpu" else max(1, scores.shape[0])
-    for start in range(0, scores.shape[0], rows):
-        _rank_block(scores[start:start + rows], n, keep[start:start + rows])
+    keep = torch.empty(weights.shape, dtype=torch.bool, device=weights.device)
+    rows = max(1, _BLOCK // weights.shape[1]) if weights.device.type == "cpu" else max(1, weights.shape[0])
+    for start in range(0, weights.shape[0], rows):
+        _rank_block(_magnitudes_(weights[start:start + rows]), n, keep[start:start + rows])
     return keep
 
 
@@ -141,9 +147,8 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int, names: Sequence[st
     for i, view in enumerate(views):
         groups.setdefault((view.device, view.dtype), []).append(i)
     for members in groups.values():
-        scores = torch.cat([views[i].reshape(-1, m) for i in members]).abs_()
-        scores.nan_to_num_(nan=-1.0, posinf=math.inf)  # NaN ranks below every |w| (an exact n per group)
-        keep = _rank_keep(scores, n) if m <= 8 else _topk_keep(scores, n)
+        weights_ = torch.cat([views[i].reshape(-1, m) for i in members])  # a copy: made |w| in place
+        keep = _rank_keep(weights_, n) if m <= 8 else _topk_keep(_magnitudes_(weights_), n)
         for i, part in zip(members, keep.split([views[i].numel() // m for i in members])):
             part = part.reshape(views[i].shape)
             out[i] = part if weights[i].ndim == 2 else part.movedim(-1, 1).contiguous()
