@@ -83,7 +83,10 @@ def test_nm_masks_ranked_in_blocks_equal_the_stable_sort(monkeypatch):
 
     monkeypatch.setattr(module, "_BLOCK", 12)
     weights = [torch.randint(-3, 4, (5, 8), generator=torch.Generator().manual_seed(i)).float() for i in range(3)]
-    for weight, mask in zip(weights, module.nm_masks(weights, 2, 4)):
+    before = [w.clone() for w in weights]
+    masks = module.nm_masks(weights, 2, 4)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # magnitudes are taken on a copy
+    for weight, mask in zip(weights, masks):
         order = weight.abs().reshape(-1, 4).sort(dim=1, descending=True, stable=True).indices[:, :2]
         assert torch.equal(mask.reshape(-1, 4), torch.zeros(10, 4, dtype=torch.bool).scatter_(1, order, True))
 
