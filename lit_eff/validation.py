@@ -113,12 +113,20 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
     return list(value)
 
 
+def stepping_batches(trainer: Any) -> float:
+    """The optimizer steps this fit will take: ``trainer.estimated_stepping_batches`` (the smaller of
+    what ``max_steps`` and ``max_epochs`` allow), or the datamodule's ``planned_steps(trainer)``
+    where it has one (epochs that shrink during training, e.g. dynamic data removal)."""
+    planned = getattr(trainer.datamodule, "planned_steps", None)
+    steps = planned(trainer) if callable(planned) else None
+    return trainer.estimated_stepping_batches if steps is None else steps
+
+
 def run_length(trainer: Any, who: str, fix: str) -> int:
-    """The optimizer steps this fit will take: ``trainer.estimated_stepping_batches``, which already
-    takes the smaller of what ``max_steps`` and ``max_epochs`` allow. Raises
+    """The optimizer steps this fit will take (:func:`stepping_batches`). Raises
     ``"<who> cannot tell the length of training: <fix>"`` when it is unknown (an infinite or
     empty loader)."""
-    estimated = trainer.estimated_stepping_batches
+    estimated = stepping_batches(trainer)
     if not math.isfinite(estimated) or estimated <= 0:
         raise ValueError(f"{who} cannot tell the length of training: {fix}")
     return int(estimated)

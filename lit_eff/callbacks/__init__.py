@@ -1,5 +1,6 @@
 """The kit's Lightning callbacks."""
 
+from lit_eff.callbacks.data_removal import DynamicDataRemoval
 from lit_eff.callbacks.distillation import KnowledgeDistillation
 from lit_eff.callbacks.dynamic_sparsity import DynamicSparsity
 from lit_eff.callbacks.flops_budget import FlopsBudget
@@ -19,4 +20,4 @@ from lit_eff.callbacks.token_skip import TokenSkip
 __all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "GradientMasking", "LayerFreezing",
            "MagnitudePruning", "NMSparsity", "SparsityMonitor",
            "StaticSparsity", "StructuredFFN", "StructuredPruning", "TokenDrop", "TokenMerge", "TokenSkip",
-           "KnowledgeDistillation"]
+           "KnowledgeDistillation", "DynamicDataRemoval"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,15 @@ class KitDataModule(LightningDataModule):
     The training loader's position is also the datamodule's own checkpoint state: Lightning
     restores a loader's state only when it creates the loader after restoring the loops, which is
     not the case when ``trainer.estimated_stepping_batches`` is read earlier (``configure_optimizers``
-    with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next.
+    with ``max_epochs`` set), so the datamodule hands the position to the loader it creates next, to
+    take up when the epoch starts: until then the loader's length is the one the uninterrupted run
+    gave Lightning's estimate (which sizes learning-rate schedules), even where epochs shrink.
+
+    The training samples may change between epochs: :meth:`epoch_train_samples` (a subclass's
+    subset per epoch, e.g. a continual-learning task) and :meth:`remove_train_samples` (samples
+    left out from an epoch on, e.g. by :class:`~lit_eff.callbacks.DynamicDataRemoval`; part of the
+    checkpoint). Lightning must then rebuild the loader every epoch
+    (``trainer.reload_dataloaders_every_n_epochs=1``), so its epoch length follows.
 
     Subclasses save their hyper-parameters with ``logger=False``: Lightning refuses to log a
     model's and a datamodule's hyper-parameters that share a name with different values, which
@@ -42,6 +51,8 @@ class KitDataModule(LightningDataModule):
         self.test_data: Sequence[torch.Tensor] | Dataset | None = None
         self._train_loader: ResumableLoader | None = None
         self._restored_position: dict[str, int] | None = None
+        self._removals: list[tuple[int, torch.Tensor]] = []  # (from epoch, dataset indices left out)
+        self._planned: dict[int, int] = {}  # from epoch -> samples that will be left out then
 
     def train_transform(self, batch: Any, gen: torch.Generator) -> Any:
         return self.eval_transform(batch, gen)
@@ -62,6 +73,7 @@ class KitDataModule(LightningDataModule):
             transform=transform,
             num_workers=self.num_workers,
             resumable=train,
+            samples=self.train_samples if train else None,
         )
         if train and len(loader) == 0:
             raise ValueError(
@@ -70,19 +82,87 @@ class KitDataModule(LightningDataModule):
             )
         if self.trainer is not None and self.trainer.world_size > 1:
             loader.set_distributed(self.trainer.world_size, self.trainer.global_rank)
+        if train and self.trainer is not None:
+            loader.set_epoch(self.trainer.current_epoch)  # a loader rebuilt between epochs: that epoch's samples
         return loader
+
+    # the training samples of each epoch ------------------------------------------------------
+    @property
+    def num_train_samples(self) -> int:
+        """Samples in the training split (before any is left out)."""
+        data = self.train_data
+        if data is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create the training split")
+        return len(data[0]) if isinstance(data, (tuple, list)) else len(data)  # type: ignore[arg-type]
+
+    def epoch_train_samples(self, epoch: int) -> torch.Tensor | None:
+        """The training split's indices ``epoch`` draws from, before removals (``None``: all).
+        Subclasses override it (tasks of continual learning)."""
+        return None
+
+    def train_samples(self, epoch: int) -> torch.Tensor | None:
+        """The training indices ``epoch`` draws from: :meth:`epoch_train_samples` less the removed ones."""
+        chosen = self.epoch_train_samples(epoch)
+        removed = [indices for start, indices in self._removals if start <= epoch]
+        if not removed:
+            return chosen
+        keep = torch.ones(self.num_train_samples, dtype=torch.bool)
+        keep[torch.cat(removed)] = False
+        return keep.nonzero().flatten() if chosen is None else chosen[keep[chosen]]
+
+    def remove_train_samples(self, indices: torch.Tensor, from_epoch: int) -> None:
+        """Leave the training samples ``indices`` (of the training split) out from epoch ``from_epoch`` on."""
+        check_int("from_epoch", from_epoch, minimum=0)
+        indices = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= self.num_train_samples):
+            raise ValueError(f"Expected training sample indices in [0, {self.num_train_samples}), got "
+                             f"min={int(indices.min())}, max={int(indices.max())}")
+        self._removals.append((int(from_epoch), indices.clone()))
+
+    def plan_removals(self, counts: dict[int, int]) -> None:
+        """Announce that ``counts[e]`` more training samples will be left out from epoch ``e`` on, so
+        :meth:`planned_steps` can size the run before they are chosen."""
+        self._planned = {int(epoch): int(n) for epoch, n in counts.items()}
+
+    def planned_steps(self, trainer: Any) -> int | None:
+        """The optimizer steps of a ``max_epochs`` run whose epochs shrink as planned (what
+        ``trainer.estimated_stepping_batches``, sized on the first epoch, would overstate); ``None``
+        without a plan or when ``max_steps`` alone sets the run's length."""
+        if not self._planned or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None
+        total, world, limit = 0, max(trainer.world_size, 1), trainer.limit_train_batches
+        for epoch in range(max(trainer.max_epochs, 1)):
+            chosen = self.epoch_train_samples(epoch)
+            count = self.num_train_samples if chosen is None else len(chosen)
+            count -= sum(n for start, n in self._planned.items() if start <= epoch)
+            batches = math.ceil(count / world) // self.batch_size  # the training loader drops the last batch
+            batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+            total += math.ceil(batches / trainer.accumulate_grad_batches)
+        return total if trainer.max_steps == -1 else min(total, trainer.max_steps)
+
+    @property
+    def train_loader(self) -> ResumableLoader | None:
+        """The training loader built last (``None`` before ``train_dataloader()``)."""
+        return self._train_loader
 
     def train_dataloader(self) -> ResumableLoader:
         self._train_loader = self._loader(self.train_data, train=True)
         if self._restored_position is not None:
-            self._train_loader.load_state_dict(self._restored_position)
+            self._train_loader.defer_state(self._restored_position)
             self._restored_position = None
         return self._train_loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        state: dict[str, Any] = {}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        if self._removals:
+            state["removed"] = [(start, indices.clone()) for start, indices in self._removals]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._removals = [(int(start), torch.as_tensor(indices, dtype=torch.long))
+                          for start, indices in state_dict.get("removed", [])]
         position = state_dict.get("train_loader")
         if position is None:
             return

@@ -14,6 +14,10 @@ the batch sequence a pure function of (seed, epoch, rank, batch index):
 - random augmentation of a batch draws from a generator seeded by (seed, epoch, rank, batch);
 - the state is ``{"epoch", "consumed"}``: the batches of the epoch already handed to the
   training loop. A restored loader continues exactly after them;
+- ``samples(epoch)`` (optional) gives the dataset indices an epoch draws from (a subset that
+  changes between epochs: tasks of continual learning, samples removed during training); the
+  permutation is then over that subset. :meth:`ResumableLoader.batch_indices` tells which dataset
+  indices a batch holds, without changing the batches;
 - Lightning announces each epoch through ``loader.sampler.set_epoch(epoch)`` (the protocol of
   ``DistributedSampler``), so epochs cut short by ``limit_train_batches`` or a resume at an
   epoch boundary start the right permutation. Outside Lightning, every ``iter()`` after the
@@ -51,6 +55,7 @@ class ResumableLoader:
         num_workers: worker processes for map-style datasets.
         resumable: keep the position across ``iter()`` calls and in ``state_dict`` (train loaders);
             when False every ``iter()`` starts from the first batch (evaluation loaders).
+        samples: ``samples(epoch)`` -> the dataset indices that epoch draws from (``None``: all).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class ResumableLoader:
         num_workers: int = 0,
         collate_fn: Callable[[list], Any] | None = None,
         resumable: bool = True,
+        samples: Callable[[int], torch.Tensor | None] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"Expected `batch_size` > 0, got batch_size={batch_size}")
@@ -83,12 +89,15 @@ class ResumableLoader:
         self.num_workers = num_workers
         self.collate_fn = collate_fn or default_collate
         self.resumable = resumable
+        self.samples = samples
         self.num_replicas = 1
         self.rank = 0
         self.epoch = 0
         self.consumed = 0
         self._started = False
         self._keep_position = False
+        self._iterating: tuple[int, list[torch.Tensor]] | None = None  # (epoch, batches) being yielded
+        self._deferred: dict[str, int] | None = None  # a position to take up when iteration starts
         self.sampler = _EpochSetter(self)
         self.batch_sampler = None  # read by Lightning next to `sampler`
 
@@ -97,11 +106,20 @@ class ResumableLoader:
         """Split every epoch between ``num_replicas`` processes; this one is ``rank``."""
         self.num_replicas, self.rank = int(num_replicas), int(rank)
 
-    def _samples_per_rank(self) -> int:
+    def epoch_samples(self, epoch: int) -> torch.Tensor | None:
+        """The dataset indices ``epoch`` draws from (``None``: the whole dataset)."""
+        return None if self.samples is None else self.samples(epoch)
+
+    def _count(self, epoch: int) -> int:
+        chosen = self.epoch_samples(epoch)
+        return self.num_samples if chosen is None else len(chosen)
+
+    def _samples_per_rank(self, count: int | None = None) -> int:
+        count = self._count(self.epoch) if count is None else count
         if self.num_replicas == 1:
-            return self.num_samples
+            return count
         # every rank gets the same count (training pads by wrapping around, as DistributedSampler does)
-        return math.ceil(self.num_samples / self.num_replicas)
+        return math.ceil(count / self.num_replicas)
 
     def _exact_split(self) -> bool:
         """Evaluation under several processes visits no sample twice (see the module docstring); only
@@ -110,34 +128,64 @@ class ResumableLoader:
                 and self.num_samples // self.num_replicas >= len(self))
 
     def __len__(self) -> int:
-        n = self._samples_per_rank()
+        return self._length(self._count(self.epoch))
+
+    def _length(self, count: int) -> int:
+        n = self._samples_per_rank(count)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def _batches(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        if self._exact_split() and len(indices) <= (len(self) - 1) * self.batch_size:
+    def _batches(self, indices: torch.Tensor, count: int) -> list[torch.Tensor]:
+        length = self._length(count)
+        if self._exact_split() and len(indices) <= (length - 1) * self.batch_size:
             # a rank one sample short of a last batch: still len(self) batches (collectives in forward
             # stay matched across ranks), none empty
-            return list(torch.tensor_split(indices, len(self)))
-        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+            return list(torch.tensor_split(indices, length))
+        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(length)]
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """The sample indices this rank visits in ``epoch``, in order."""
+        chosen = self.epoch_samples(epoch)
+        count = self.num_samples if chosen is None else len(chosen)
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=generator(self.seed, "order", epoch))
+            order = torch.randperm(count, generator=generator(self.seed, "order", epoch))
         else:
-            order = torch.arange(self.num_samples)
+            order = torch.arange(count)
         if self.num_replicas > 1:
-            total = self._samples_per_rank() * self.num_replicas
-            if total > self.num_samples and not self._exact_split():
-                order = torch.cat([order, order[: total - self.num_samples]])
+            total = self._samples_per_rank(count) * self.num_replicas
+            if total > count and not self._exact_split():
+                order = torch.cat([order, order[: total - count]])
             order = order[self.rank :: self.num_replicas]
-        return order
+        return order if chosen is None else chosen[order]
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The dataset indices of every batch this rank draws in ``epoch``, in order."""
+        if self._iterating is not None and self._iterating[0] == epoch:
+            return self._iterating[1]
+        return self._batches(self.epoch_indices(epoch), self._count(epoch))
+
+    def batch_indices(self, position: int, epoch: int | None = None) -> torch.Tensor:
+        """The dataset indices of batch ``position`` (Lightning's ``batch_idx``) of ``epoch`` (default:
+        the epoch being drawn) on this rank: what per-sample statistics key on."""
+        return self.epoch_batches(self.epoch if epoch is None else epoch)[position]
 
     # state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
+        self._take_deferred()
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
 
+    def defer_state(self, state: dict[str, int]) -> None:
+        """Take up ``state`` when Lightning starts the epoch (``set_epoch``/``iter()``), keeping
+        ``len()`` at the current epoch until then: a loader built before Lightning restores its
+        loops reports the length the uninterrupted run reported at that point (its
+        ``estimated_stepping_batches``), also where epochs differ in length."""
+        self._deferred = dict(state)
+
+    def _take_deferred(self) -> None:
+        if self._deferred is not None:
+            self.load_state_dict(self._deferred)
+
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._deferred = None
         self.epoch = int(state.get("epoch", 0))
         self.consumed = int(state.get("consumed", 0))
         self.seed = int(state.get("seed", self.seed))
@@ -146,6 +194,7 @@ class ResumableLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (from its start unless it is the restored epoch)."""
+        self._take_deferred()
         if epoch != self.epoch:
             self.epoch, self.consumed = int(epoch), 0
         self._started = True
@@ -154,6 +203,7 @@ class ResumableLoader:
     # iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         # a generator: nothing below runs until the first batch is asked for
+        self._take_deferred()
         if not self.resumable:
             epoch, start = self.epoch, 0
         else:
@@ -163,7 +213,9 @@ class ResumableLoader:
                 self.epoch, self.consumed = self.epoch + 1, 0
             self._started = True
             epoch, start = self.epoch, self.consumed
-        batches = self._batches(self.epoch_indices(epoch))
+        batches = self._batches(self.epoch_indices(epoch), self._count(epoch))
+        if self.resumable:
+            self._iterating = (epoch, batches)
         for position, batch in enumerate(self._fetch(batches[start:]), start=start):
             if self.transform is not None:
                 batch = self.transform(batch, generator(self.seed, "transform", epoch, self.rank, position))

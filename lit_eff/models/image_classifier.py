@@ -18,7 +18,7 @@ from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.tokens.skip import restore_routers
 from lit_eff.runs.resume import check_resume_state, load_or_explain
-from lit_eff.validation import check_fraction, check_int
+from lit_eff.validation import check_fraction, check_int, stepping_batches
 
 
 def create_timm_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
@@ -146,5 +146,5 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw_warmup_cosine(self.model, self.trainer.estimated_stepping_batches, h.lr, h.weight_decay,
+        return adamw_warmup_cosine(self.model, stepping_batches(self.trainer), h.lr, h.weight_decay,
                                    h.warmup, min_lr_factor=h.min_lr_factor)

@@ -47,7 +47,7 @@ from lit_eff.supernet.plot import line_figure
 from lit_eff.supernet.reorganize import reorganize_middle_weights
 from lit_eff.supernet.samplers import Draw, PerformanceAware, Sandwich, SubnetSampler
 from lit_eff.supernet.space import SearchSpace, SubnetConfig
-from lit_eff.validation import check_choice, check_fraction, check_int, check_number
+from lit_eff.validation import check_choice, check_fraction, check_int, check_number, stepping_batches
 
 DEFAULT_SPACE = {"embed_dim": [32, 48, 64], "depth": [2, 3, 4], "num_heads": [2, 3, 4], "mlp_ratio": [1.0, 1.5, 2.0]}
 
@@ -172,7 +172,7 @@ class SupernetModule(LightningModule):
                              f"strategy {type(strategy).__name__}")
 
     def on_train_start(self) -> None:
-        self.sampler.bind(self.space, self.flops, self.trainer.estimated_stepping_batches)
+        self.sampler.bind(self.space, self.flops, stepping_batches(self.trainer))
         self._reorganized_at: int | None = None
 
     def flops_key(self) -> Hashable:
@@ -312,5 +312,5 @@ class SupernetModule(LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         betas = (0.9, 0.999) if self.vision else (0.9, 0.95)
-        return adamw_warmup_cosine(self.model, self.trainer.estimated_stepping_batches, h.lr, h.weight_decay,
+        return adamw_warmup_cosine(self.model, stepping_batches(self.trainer), h.lr, h.weight_decay,
                                    h.warmup, betas=betas, min_lr_factor=h.min_lr_factor)
