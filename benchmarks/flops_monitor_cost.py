@@ -8,7 +8,7 @@ Two measures, side by side in one process (the job of timm_steps.py, one thread)
 - end to end: Lightning with vs without FlopsMonitor, alternating rounds, median steps (noisy
   on a busy machine: a 1% effect needs an idle one).
 
-    OMP_NUM_THREADS=1 python benchmarks/flops_monitor_cost.py [--steps 40] [--rounds 6] [--clock wall|cpu]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/flops_monitor_cost.py [--steps 30] [--rounds 5] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class TimedFlopsMonitor(FlopsMonitor):
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n")[0], steps=40, rounds=6)
+    args = arguments(__doc__.split("\n")[0], steps=30, rounds=5)
     torch.set_num_threads(1)
     monitors: list[TimedFlopsMonitor] = []
 

@@ -7,7 +7,7 @@ variants alternate in one process: plain loop dense / TokenDrop (the reducer att
 FlopsMonitor). Printed: each speedup over its own dense, and the Lightning speedup over the
 plain-loop one (goal >= 0.95).
 
-    OMP_NUM_THREADS=1 python benchmarks/token_drop_lightning.py [--steps 30] [--rounds 5] [--clock wall|cpu]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/token_drop_lightning.py [--steps 30] [--rounds 4] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def plain(steps: int, drop: bool, warmup: int = 5) -> list[float]:
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n")[0], steps=30, rounds=5)
+    args = arguments(__doc__.split("\n")[0], steps=30, rounds=4)
     torch.set_num_threads(1)
     variants = {
         "plain dense": lambda: plain(args.steps, False),
