@@ -22,7 +22,8 @@ class NMSparsity(MaskingTechnique):
     ``|W|`` (recomputed after every optimizer step), with a straight-through gradient to all of
     ``W``; ``method`` is ``"ste"``, ``"srste"`` (adds ``λ(1−E)⊙W`` to the gradient) or
     ``"mask_decay"`` (β decays from 1 to 0). Warm-up, structure decay and fine-tune phases follow
-    :class:`lit_eff.sparsity.NMSchedule`. Logs ``sparsity/{beta,n,m,density}``. The card:
+    :class:`lit_eff.sparsity.NMSchedule`. ``update_every`` > 1 recomputes the masks only every that
+    many optimizer steps (and when the N:M frame changes): cheaper, no longer exact. Logs ``sparsity/{beta,n,m,density}``. The card:
     docs/techniques/nm_sparsity.md.
 
     Example::
@@ -52,6 +53,7 @@ class NMSparsity(MaskingTechnique):
         exclude: list[str] | None = None,
         layers: list[Literal["linear", "conv"]] | None = None,
         on_nonfinite: Literal["raise", "warn"] = "raise",
+        update_every: int = 1,
     ) -> None:
         super().__init__(include, exclude, layers, on_nonfinite)
         validation.check_nm(n, m)
@@ -63,13 +65,14 @@ class NMSparsity(MaskingTechnique):
         validation.check_int("dense_steps", dense_steps)
         validation.check_int("finetune_steps", finetune_steps)
         validation.check_int("total_steps", total_steps, minimum=1, allow_none=True)
+        validation.check_int("update_every", update_every, minimum=1)
         if structure_decay == "stepwise" and (m % n or (m // n) & (m // n - 1)):
             raise ValueError(f"Expected `m / n` to be a power of 2 with structure_decay='stepwise' "
                              f"(frames (m-1):m, m/2:m, ..., n:m), got n={n}, m={m}")
         self.n, self.m, self.method = n, m, method
         self.srste_lambda, self.decay, self.decay_rate = float(srste_lambda), decay, float(decay_rate)
         self.structure_decay, self.dense_steps, self.finetune_steps = structure_decay, dense_steps, finetune_steps
-        self.total_steps = total_steps
+        self.total_steps, self.update_every = total_steps, update_every
         self.schedule: NMSchedule | None = None if total_steps is None else self._schedule(total_steps)
         self._current: tuple[float, int, int, float] = (1.0, m, m, 1.0)  # beta, n, m, density in force
 
@@ -144,22 +147,28 @@ class NMSparsity(MaskingTechnique):
 
     # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _apply(self, step: int) -> None:
+    def _apply(self, step: int, start: bool = False) -> None:
         """Masks, β and reported density for ``step``, from the current weights (all layers
-        ranked in one batch)."""
+        ranked in one batch; with ``update_every`` > 1 only on those steps or when the frame
+        changes)."""
         schedule = self._sched()
         (n, m), beta = schedule.frame(step), schedule.beta(step)
         if n == m:
             if any(p._density != 1.0 for p in self.group.params):
                 self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
-        else:
+        elif step % self.update_every == 0 or self._frame_changed(n, m, start):
             self.group.set_masks(self.group.nm_masks(n, m), density=n / m)
         self.group.set_beta(beta)
         self._current = (beta, n, m, schedule.density(step))
 
+    def _frame_changed(self, n: int, m: int, start: bool) -> bool:
+        if start:  # masks of another frame (fresh all-ones ones); masks loaded from a checkpoint stay
+            return any(p._density != n / m for p in self.group.params)
+        return (n, m) != self._current[1:3]
+
     @override
     def start(self, trainer: Trainer) -> None:
-        self._apply(trainer.global_step)
+        self._apply(trainer.global_step, start=True)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:

@@ -86,6 +86,8 @@ class MaskGroup:
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
         torch._foreach_copy_([p.mask for p in self.params], masks)
         torch._foreach_copy_([p.mask_values for p in self.params], masks)
+        for p in self.params:
+            torch.sub(p.mask_values, 1, out=p.kept_minus_one)
         self.version += 1
         densities = density if isinstance(density, list) else [density] * len(self.params)
         for module, p, d in zip(self.modules, self.params, densities):
@@ -123,14 +125,13 @@ class MaskGroup:
     @torch.no_grad()
     def add_pruned_weights_to_grad(self, scale: float) -> None:
         """``grad += scale · (1 − E) ⊙ W`` for every layer (the SR-STE term)."""
-        pairs = [(w, p.mask_values) for w, p in zip(self.weights, self.params) if w.grad is not None]
+        pairs = [(w, p.kept_minus_one) for w, p in zip(self.weights, self.params) if w.grad is not None]
         if not pairs:
             return
         grads = [local(w.grad) for w, _ in pairs]
         dense = [local(w).to(g.dtype) for (w, _), g in zip(pairs, grads)]
-        values = [local_part(v, w).to(g.dtype) for (w, v), g in zip(pairs, grads)]
-        pruned = torch._foreach_add(torch._foreach_neg(values), 1.0)
-        torch._foreach_addcmul_(grads, dense, pruned, value=scale)
+        kept_minus_one = [local_part(v, w).to(g.dtype) for (w, v), g in zip(pairs, grads)]
+        torch._foreach_addcmul_(grads, dense, kept_minus_one, value=-scale)  # −λ W (E − 1) = λ (1 − E) W
 
     @torch.no_grad()
     def zero_pruned(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:

@@ -76,8 +76,8 @@ class Mask(nn.Module):
     Use :func:`attach_mask`, :func:`set_mask` and :func:`set_beta` rather than editing the
     buffers, so that :attr:`mode` and the density reported for FLOP counting stay right.
 
-    The straight-through gradient is ``stop_grad(W ⊙ (E + β(1−E))) + (W − stop_grad(W))``: the
-    value is exactly the masked weight and the gradient reaches ``W`` through one subtraction.
+    The straight-through weight is ``W + stop_grad(W) ⊙ (E − 1)``: one fused multiply-add whose
+    value is exactly ``W ⊙ E`` and whose gradient reaches ``W`` unchanged (no work in backward).
     """
 
     def __init__(self, mask: torch.Tensor, beta: float = 0.0, ste: bool = True) -> None:
@@ -86,6 +86,9 @@ class Mask(nn.Module):
         self.register_buffer("beta", torch.tensor(float(beta), device=mask.device))
         # the mask as numbers, for fused multiplies (kept in the weight's dtype by set_mask)
         self.register_buffer("mask_values", mask.float(), persistent=False)
+        # E − 1 (0 kept, −1 pruned): the straight-through forward W + stop_grad(W)(E − 1) and the
+        # SR-STE term read it, one fused multiply-add each
+        self.register_buffer("kept_minus_one", self.mask_values - 1, persistent=False)
         self.ste = ste
         self._beta = float(beta)  # host copies: reporting a density or choosing a mode needs no sync
         self._density = _mask_density(mask)
@@ -101,18 +104,27 @@ class Mask(nn.Module):
         if self.mode == "identity":  # an all-ones mask
             return weight
         if is_sharded(weight):  # `module.weight` read outside FSDP2's forward: mask this rank's shard
-            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight))
+            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight),
+                               local_part(self.kept_minus_one, weight))
             return DTensor.from_local(out, weight.device_mesh, weight.placements, shape=weight.shape,
                                       stride=weight.stride())
-        return self._masked(weight, self.mask_values, self.mask)
+        return self._masked(weight, self.mask_values, self.mask, self.kept_minus_one)
 
-    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                kept_minus_one: torch.Tensor) -> torch.Tensor:
         binary = self.mode == "binary"
         if not self.ste:
             return weight * values if binary else torch.where(mask, weight, weight * self.beta)
         dense = weight.detach()
-        masked = dense * values if binary else torch.where(mask, dense, dense * self.beta)
-        return masked + (weight - dense)
+        if binary:  # W + stop_grad(W)(E − 1): exactly W ⊙ E (w − w = 0), gradient straight to W
+            return torch.addcmul(weight, dense, kept_minus_one)
+        return torch.where(mask, dense, dense * self.beta) + (weight - dense)
+
+    @torch.no_grad()
+    def set_values(self) -> None:
+        """Refresh the numeric copies of the mask (``mask_values``, ``kept_minus_one``)."""
+        self.mask_values.copy_(self.mask)
+        torch.sub(self.mask_values, 1, out=self.kept_minus_one)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # `module.weight = value` sets the dense weight
@@ -183,7 +195,7 @@ def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
     for p in _masks_of(module):
         p._beta = float(p.beta)
         p._density = _mask_density(p.mask)
-        p.mask_values.copy_(p.mask)
+        p.set_values()
         p._settle()
     _report(module)
 
@@ -218,6 +230,7 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
     mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None else _as_mask(mask, weight)
     param = Mask(mask.clone(), beta, ste)
     param.mask_values = param.mask_values.to(weight.dtype)
+    param.kept_minus_one = param.kept_minus_one.to(weight.dtype)
     param._order = list(module._parameters)  # export puts the weight back in its place
     parametrize.register_parametrization(module, name, param, unsafe=True)
     if _refresh_after_load not in module._load_state_dict_post_hooks.values():
@@ -246,7 +259,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight", densit
     """
     param = _require(module, name)
     param.mask.copy_(_as_mask(mask, param.mask))
-    param.mask_values.copy_(param.mask)
+    param.set_values()
     param._density = _mask_density(param.mask) if density is None else float(density)
     param._settle()
     _report(module)

@@ -37,6 +37,39 @@ def test_effective_weight_is_exactly_nm_after_fit(n, m, method):
     assert not sparsity.has_mask(trainer.lightning_module.model.patch_embed.proj)
 
 
+class ExactnessProbe(Callback):
+    """Records, after each optimizer step's callbacks ran, whether the masks equal the N:M
+    masks of the current dense weights, and the masks themselves."""
+
+    def __init__(self, technique: NMSparsity):
+        self.technique = technique
+        self.exact: list[bool] = []
+        self.masks: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n, m = self.technique.frame(trainer.global_step)
+        targets = self.technique.targets.values()
+        self.masks.append([sparsity.get_mask(t).clone() for t in targets])
+        self.exact.append(all(torch.equal(sparsity.get_mask(t), sparsity.nm_mask(t.parametrizations.weight.original,
+                                                                                 n, m)) for t in targets))
+
+
+def test_update_every_recomputes_masks_only_on_those_steps():
+    technique = NMSparsity(n=2, m=4, method="ste", update_every=3)
+    probe = ExactnessProbe(technique)
+    run([technique, probe], max_steps=7)  # steps reached: 1..7; masks recomputed after steps 3 and 6
+    assert [probe.exact[i] for i in (2, 5)] == [True, True]
+    assert not all(probe.exact)  # in between, the masks lag the weights (lr 0.1 reorders some groups)
+    for step in (1, 2, 4, 5, 7):  # reached step s keeps the masks of the last multiple of 3 (step 0 at the start)
+        kept = probe.masks[step // 3 * 3 - 1] if step >= 3 else None
+        if kept is not None:
+            assert all(torch.equal(a, b) for a, b in zip(probe.masks[step - 1], kept)), step
+    default = NMSparsity(n=2, m=4, method="ste")
+    exact = ExactnessProbe(default)
+    run([default, exact], max_steps=4)
+    assert all(exact.exact)  # the default recomputes after every step
+
+
 # --------------------------------------------------------------------------------------------
 # SR-STE
 # --------------------------------------------------------------------------------------------
@@ -173,6 +206,7 @@ def test_schedules_in_a_fit_follow_global_step_and_dense_warmup_is_unmasked():
     ({"dense_steps": -1}, r"Expected `dense_steps` to be an integer >= 0, got dense_steps=-1"),
     ({"finetune_steps": -2}, r"Expected `finetune_steps` to be an integer >= 0, got finetune_steps=-2"),
     ({"total_steps": 0}, r"Expected `total_steps` to be an integer >= 1 or None, got total_steps=0"),
+    ({"update_every": 0}, r"Expected `update_every` to be an integer >= 1, got update_every=0"),
     ({"dense_steps": 5, "finetune_steps": 6, "total_steps": 10},
      r"Expected `dense_steps` \+ `finetune_steps` <= `total_steps`, got dense_steps=5, finetune_steps=6, "
      r"total_steps=10"),

@@ -77,6 +77,20 @@ def test_nm_mask_ties_keep_the_lower_index(n, m):
     assert torch.equal(mask[0].reshape(-1, m), (torch.arange(m) < n).expand(4, m))
 
 
+def test_nm_masks_ranked_in_blocks_equal_the_stable_sort(monkeypatch):
+    # on CPU the groups are ranked in cache-sized blocks: force 3-group blocks over uneven layers
+    from lit_eff.sparsity import masks as module
+
+    monkeypatch.setattr(module, "_BLOCK", 12)
+    weights = [torch.randint(-3, 4, (5, 8), generator=torch.Generator().manual_seed(i)).float() for i in range(3)]
+    before = [w.clone() for w in weights]
+    masks = module.nm_masks(weights, 2, 4)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # magnitudes are taken on a copy
+    for weight, mask in zip(weights, masks):
+        order = weight.abs().reshape(-1, 4).sort(dim=1, descending=True, stable=True).indices[:, :2]
+        assert torch.equal(mask.reshape(-1, 4), torch.zeros(10, 4, dtype=torch.bool).scatter_(1, order, True))
+
+
 def test_nm_mask_keeps_dtype_independent_and_ignores_autograd():
     weight = torch.randn(4, 8, requires_grad=True)
     assert torch.equal(nm_mask(weight.bfloat16(), 2, 4), nm_mask(weight.bfloat16().float(), 2, 4))

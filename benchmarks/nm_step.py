@@ -1,0 +1,95 @@
+"""Step time of NMSparsity 2:4 SR-STE vs dense, on a user's own timm ViT in Lightning.
+
+One thread, variants alternating in one process, median of steady-state steps (see
+timm_steps.py for the job). Prints one ``RATIO`` line per variant: its step time over dense.
+The option ``update_every=4`` (masks recomputed every 4th step) is timed too, and its effect on
+the masks measured: after each step, the share of 4-weight groups whose mask differs from the
+exact N:M mask of the current weights (``update_every=1``, the default, is exact: 0).
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/nm_step.py [--steps 30] [--rounds 5] [--clock wall|cpu]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/nm_step.py --profile
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from lightning.pytorch import Callback
+from timm_steps import ViTModule, alternate, arguments, fit, ratio
+
+from lit_eff import sparsity
+from lit_eff.callbacks import NMSparsity
+
+VARIANTS = {
+    "dense": lambda model: [],
+    "NMSparsity 2:4 SR-STE": lambda model: [NMSparsity(2, 4, method="srste", include=["*blocks.*"])],
+    "NMSparsity 2:4 SR-STE update_every=4": lambda model: [NMSparsity(2, 4, method="srste", update_every=4)],
+}
+
+
+class Drift(Callback):
+    """After each step: the share of N:M groups whose mask differs from the exact one."""
+
+    def __init__(self, technique: NMSparsity) -> None:
+        self.technique, self.shares = technique, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        targets = list(self.technique.targets.values())
+        exact = sparsity.nm_masks([t.parametrizations.weight.original for t in targets], 2, 4)
+        differ = sum(int((sparsity.get_mask(t) != e).reshape(-1, 4).any(1).sum()) for t, e in zip(targets, exact))
+        self.shares.append(differ / sum(e.numel() // 4 for e in exact))
+
+
+def drift(every: int, steps: int, lr: float) -> tuple[float, float]:
+    """Mean and largest share of groups off the exact mask over ``steps`` steps at ``lr``."""
+    technique = NMSparsity(2, 4, method="srste", update_every=every)
+    probe = Drift(technique)
+    module = type("Module", (ViTModule,), {"configure_optimizers": lambda self: torch.optim.AdamW(
+        self.parameters(), lr=lr)})
+    fit(lambda model: [technique, probe], steps, warmup=0, module=module)
+    return statistics.mean(probe.shares), max(probe.shares)
+
+
+def profile(steps: int) -> None:
+    from lightning.pytorch import Callback
+    from torch.profiler import ProfilerActivity, profile
+
+    class Prof(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                self.prof = profile(activities=[ProfilerActivity.CPU]).__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5 + steps:
+                self.prof.__exit__(None, None, None)
+                print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+    for name in ("dense", "NMSparsity 2:4 SR-STE"):
+        print(name)
+        fit(lambda model, name=name: [*VARIANTS[name](model), Prof()], steps + 10)
+
+
+def main() -> None:
+    import sys
+
+    if "--profile" in sys.argv:
+        sys.argv.remove("--profile")
+        args = arguments(__doc__.split("\n")[0], steps=20)
+        profile(args.steps)
+        return
+    args = arguments(__doc__.split("\n")[0], steps=30, rounds=5)
+    torch.set_num_threads(1)
+    median = alternate({name: lambda make=make: fit(make, args.steps) for name, make in VARIANTS.items()}, args.rounds)
+    for name in VARIANTS:
+        if name != "dense":
+            ratio(f"{name} / dense", median[name] / median["dense"], "<= 1.05" if "every" not in name else "")
+    for every in (1, 4):
+        for lr in (1e-4, 1e-3):
+            mean, most = drift(every, 16, lr)
+            print(f"MASKS update_every={every}, AdamW lr {lr:g}: {mean:.3%} of 4-weight groups off the exact mask "
+                  f"after a step on average (at most {most:.3%})")
+
+
+if __name__ == "__main__":
+    main()
