@@ -394,3 +394,8 @@ SETTINGS.update({
 from tests.contract.structured_settings import STRUCTURED  # noqa: E402
 
 SETTINGS.update(STRUCTURED)
+
+# --- Sparse-IFT (lit_eff.sparsity.ift) ----------------------------------------------------------
+from tests.contract.ift_settings import IFT  # noqa: E402
+
+SETTINGS.update(IFT)
