@@ -136,11 +136,12 @@ def sparse_ift(model: nn.Module, transform: str, sparsity: float, include: Seque
     ``generator_for(name)`` with the std of the weights they replace; see :func:`ift_linears`
     for the layers to mask at ``sparsity``."""
     check_ift(transform, sparsity)
-    layers = find_targets(model, include=list(DEFAULT_MLP) if include is None else include, exclude=exclude)
     modules = _modules(model)
-    for name, layer in layers.items():
-        if hasattr(modules.get(name.rpartition(".")[0]), _MARK) or hasattr(layer, _MARK):
-            raise ValueError(f"`{name}` is already Sparse-IFT transformed: apply the transformation once")
+    done_before = next(((n, getattr(m, _MARK)) for n, m in modules.items() if hasattr(m, _MARK)), None)
+    if done_before is not None:
+        raise ValueError(f"`{done_before[0]}` is already Sparse-IFT transformed ({done_before[1]}): apply the "
+                         f"transformation once")
+    layers = find_targets(model, include=list(DEFAULT_MLP) if include is None else include, exclude=exclude)
     gen = generator_for or (lambda name: torch.Generator().manual_seed(0))
     done: dict[str, nn.Module] = {}
     if transform == "parallel":
