@@ -55,7 +55,8 @@ IFT: dict[str, Setting] = {
     # Sparse Wide at 50% on the ViT: MLP hidden 64 -> 128, RigL updates at steps 2, 4, 6
     "SparseIFT-wide": FollowedSetting(SparseIFT, {"transform": "wide", "sparsity": 0.5}, "vit",
                                       companions=lambda: _rigl(0.5, 2), check=_check),
-    # Sparse Parallel at 75% on the GPT: 4 branches per MLP Linear, RigL updates at steps 3, 6
-    "SparseIFT-parallel": FollowedSetting(SparseIFT, {"transform": "parallel", "sparsity": 0.75}, "gpt",
-                                          companions=lambda: _rigl(0.75, 3), check=_check),
+    # Sparse Parallel at 50% on the GPT: 2 branches per MLP Linear, RigL updates at steps 3, 6
+    # (4 branches are tested outside the contract, tests/callbacks/test_sparse_ift.py)
+    "SparseIFT-parallel": FollowedSetting(SparseIFT, {"transform": "parallel", "sparsity": 0.5}, "gpt",
+                                          companions=lambda: _rigl(0.5, 3), check=_check),
 }
