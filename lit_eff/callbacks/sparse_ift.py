@@ -15,7 +15,7 @@ from lit_eff.callbacks.masking import MaskingTechnique
 from lit_eff.callbacks.technique import Technique
 from lit_eff.seeding import generator, run_seed
 from lit_eff.sparsity import find_targets
-from lit_eff.sparsity.ift import DEFAULT_MLP, check_ift, ift_linears, sparse_ift
+from lit_eff.sparsity.ift import DEFAULT_MLP, check_ift, ift_linears, sparse_ift, transformed
 
 __all__ = ["SparseIFT"]
 
@@ -49,8 +49,16 @@ class SparseIFT(Technique):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.layers:
-            return  # transformed by an earlier stage of this trainer
+        found = transformed(pl_module)
+        if found is not None:  # by an earlier stage, or a model returned by a ddp_spawn fit: adopt it
+            kind, factor, layers = found
+            if kind != self.transform or abs(factor * (1.0 - self.sparsity) - 1.0) > 0.02:
+                raise ValueError(f"The model is already Sparse-IFT transformed ({kind} x{factor:g}), and "
+                                 f"{self.describe(trainer)} asks for transform={self.transform!r} at sparsity "
+                                 f"{self.sparsity:g} (x{1 / (1 - self.sparsity):g}): give it the model's settings "
+                                 f"or an untransformed model")
+            self.layers, self.sparse = layers, ift_linears(layers)
+            return
         targets = find_targets(pl_module, include=list(DEFAULT_MLP) if self.include is None else self.include,
                                exclude=self.exclude)
         for name, layer in targets.items():

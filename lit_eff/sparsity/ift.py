@@ -29,7 +29,7 @@ from lit_eff import validation
 from lit_eff.sparsity.targets import find_targets
 
 __all__ = ["DEFAULT_MLP", "TRANSFORMS", "ParallelLinear", "branch_count", "check_ift", "ift_linears",
-           "restore_structure", "sparse_ift", "wide_hidden"]
+           "restore_structure", "sparse_ift", "transformed", "wide_hidden"]
 
 #: fc1/fc2 of the MLP in every block of a timm ViT or the kit's GPT.
 DEFAULT_MLP = ("*blocks.*.mlp.fc1", "*blocks.*.mlp.fc2")
@@ -183,6 +183,20 @@ def _parallel(old: nn.Linear, b: int, gen: torch.Generator) -> ParallelLinear:
 def _set(modules: dict[str, nn.Module], name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(modules[parent_name], child, new)
+
+
+def transformed(model: nn.Module) -> tuple[str, float, dict[str, nn.Module]] | None:
+    """``(transform, factor, layers)`` of a model :func:`sparse_ift` (or :func:`restore_structure`)
+    already transformed, ``layers`` as :func:`sparse_ift` returns them; ``None`` for an untouched model."""
+    found: list[tuple[str, float, dict[str, nn.Module]]] = []
+    for name, module in _modules(model).items():
+        if hasattr(module, _MARK):
+            kind, factor = getattr(module, _MARK).split(" x")
+            layers = {name: module} if kind == "parallel" else {f"{name}.fc1": module.fc1, f"{name}.fc2": module.fc2}
+            found.append((kind, float(factor), layers))
+    if not found:
+        return None
+    return found[0][0], found[0][1], {name: layer for *_, layers in found for name, layer in layers.items()}
 
 
 def ift_linears(layers: dict[str, nn.Module]) -> dict[str, nn.Linear]:

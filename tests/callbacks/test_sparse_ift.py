@@ -11,7 +11,7 @@ from lightning.pytorch import Callback
 from lit_eff import sparsity
 from lit_eff.callbacks import DynamicSparsity, FlopsMonitor, SparseIFT, StaticSparsity
 from lit_eff.flops import count_flops
-from tests.helpers import MODELS, fit, seeded
+from tests.helpers import MODELS, fit, make_trainer, seeded
 
 
 class Masks(Callback):
@@ -78,3 +78,20 @@ def test_warns_when_the_sparsity_callback_also_masks_other_layers():
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseIFT(**kwargs)
+
+
+def test_a_transformed_model_is_adopted_with_the_same_settings_and_refused_with_others():
+    """E.g. the main process's model after a ddp_spawn fit (restored structure), fitted or tested again."""
+    from lit_eff.sparsity.ift import sparse_ift
+
+    seeded(0)
+    module, data = MODELS["vit"][0](), MODELS["vit"][1]()
+    layers = sparse_ift(module.model, "wide", 0.5)
+    technique = SparseIFT(transform="wide", sparsity=0.5)
+    fit_again = make_trainer(callbacks=[technique, _rigl(0.5)], max_steps=1)
+    fit_again.fit(module, datamodule=data)
+    assert {id(m) for m in technique.layers.values()} == {id(m) for m in layers.values()}
+    assert module.model.blocks[0].mlp.fc1.out_features == 128  # not widened twice
+    with pytest.raises(ValueError, match=r"already Sparse-IFT transformed \(wide x2\).*transform='parallel'"):
+        make_trainer(callbacks=[SparseIFT(transform="parallel", sparsity=0.5), _rigl(0.5)], max_steps=1).fit(
+            module, datamodule=data)
