@@ -77,8 +77,10 @@ def test_plain_module_with_the_hook_registered():
     ({"transform": "wide", "sparsity": 1.0}, r"`sparsity`.*1\.0"),
     ({"transform": "wide", "sparsity": -0.5}, r"`sparsity`.*-0\.5"),
     ({"transform": "parallel", "sparsity": 0.6}, r"1 / \(1 - sparsity\) a whole number.*sparsity=0\.6.*2\.5"),
-    ({"transform": "wide", "sparsity": 0.5, "include": ["*nothing*"]}, r"No linear layer matched include=\[.\*nothing\*.\].*blocks.0.mlp.fc1"),
-    ({"transform": "wide", "sparsity": 0.5, "include": ["*blocks.*.attn.qkv"]}, r"`blocks.0.attn.qkv` is not the fc1/fc2"),
+    ({"transform": "wide", "sparsity": 0.5, "include": ["*nothing*"]},
+     r"No linear layer matched include=\[.\*nothing\*.\].*blocks.0.mlp.fc1"),
+    ({"transform": "wide", "sparsity": 0.5, "include": ["*blocks.*.attn.qkv"]},
+     r"`blocks.0.attn.qkv` is not the fc1/fc2"),
     ({"transform": "wide", "sparsity": 0.5, "include": ["*blocks.*.mlp.fc1"]}, r"`blocks.0.mlp.fc2` did not"),
 ])
 def test_bad_arguments_are_refused_before_changing_the_model(kwargs, match):
