@@ -46,7 +46,7 @@ TASKS = {
         "reference": ["--trainer.max_epochs", "40"], "lrs": [1e-3, 2e-3, 4e-3],
         "lr_arg": "--model.init_args.lr",
         "techniques": ["nm_2of4_srste", "nm_1of8_pgf", "gmp_unstructured", "rigl_erk", "spdf", "token_drop",
-                       "token_merge", "token_skip_ltd", "grad_mask", "layer_freezing", "structured_ffn_lowrank"],
+                       "token_merge", "token_skip_ltd", "grad_mask", "layer_freezing", "structured_ffn_lowrank", "sparse_ift_wide"],
         "stacks": {"nm_2of4_srste+token_drop": ["nm_2of4_srste", "token_drop"],
                    "layer_freezing+token_drop": ["layer_freezing", "token_drop"]},
     },
@@ -66,7 +66,8 @@ TASKS = {
 CARDS = {"nm_2of4_srste": "nm_sparsity", "nm_1of8_pgf": "nm_sparsity", "gmp_unstructured": "magnitude_pruning",
          "rigl_erk": "dynamic_sparsity", "spdf": "spdf", "token_drop": "token_drop", "token_merge": "token_merge",
          "token_skip_ltd": "token_skip", "token_skip_mod": "token_skip", "grad_mask": "gradient_masking",
-         "layer_freezing": "layer_freezing", "structured_ffn_lowrank": "structured_ffn"}
+         "layer_freezing": "layer_freezing", "structured_ffn_lowrank": "structured_ffn",
+         "sparse_ift_wide": "sparse_ift"}
 BEGIN, END = "<!-- results: written by benchmarks/results.py -->", "<!-- /results -->"
 
 

@@ -9,6 +9,7 @@ from lit_eff.callbacks.gradient_masking import GradientMasking
 from lit_eff.callbacks.layer_freezing import LayerFreezing
 from lit_eff.callbacks.magnitude_pruning import MagnitudePruning
 from lit_eff.callbacks.nm_sparsity import NMSparsity
+from lit_eff.callbacks.sparse_ift import SparseIFT
 from lit_eff.callbacks.sparsity_monitor import SparsityMonitor
 from lit_eff.callbacks.static_sparsity import StaticSparsity
 from lit_eff.callbacks.structured_ffn import StructuredFFN
@@ -20,4 +21,4 @@ from lit_eff.callbacks.token_skip import TokenSkip
 __all__ = ["DynamicSparsity", "FlopsBudget", "FlopsMonitor", "GradientMasking", "LayerFreezing",
            "MagnitudePruning", "NMSparsity", "SparsityMonitor",
            "StaticSparsity", "StructuredFFN", "StructuredPruning", "TokenDrop", "TokenMerge", "TokenSkip",
-           "KnowledgeDistillation", "DynamicDataRemoval"]
+           "KnowledgeDistillation", "DynamicDataRemoval", "SparseIFT"]

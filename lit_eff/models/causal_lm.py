@@ -15,6 +15,7 @@ from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
 from lit_eff.tokens.skip import restore_routers
+from lit_eff.sparsity.ift import restore_structure
 from lit_eff.runs.resume import check_resume_state, load_or_explain
 from lit_eff.validation import stepping_batches
 
@@ -64,6 +65,7 @@ class CausalLM(LightningModule):
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
+        self.register_load_state_dict_pre_hook(restore_structure)  # Sparse-IFT's wider / parallel layers
         # a loaded checkpoint already holds the weights
         self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)

@@ -420,3 +420,8 @@ SETTINGS.update({
     "DynamicDataRemoval": Setting(DynamicDataRemoval, {"remove_fraction": 0.1, "every_n_epochs": 1, "until_epoch": 1},
                                   "vit", check=_check_data_removal),
 })
+
+# --- Sparse-IFT (lit_eff.sparsity.ift) ----------------------------------------------------------
+from tests.contract.ift_settings import IFT  # noqa: E402
+
+SETTINGS.update(IFT)
