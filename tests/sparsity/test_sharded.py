@@ -2,7 +2,6 @@
 outside FSDP's own forward work on DTensor weights, gradients and optimizer state. The
 two-process equality with DDP is the contract's fsdp2 column."""
 
-import os
 
 import pytest
 import torch
@@ -13,16 +12,13 @@ from lit_eff import sparsity
 from lit_eff.sparsity.sharded import full, is_sharded
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group over a file store: no port to collide with other tests."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def test_masks_work_on_fsdp2_shards(process_group):
