@@ -72,6 +72,8 @@ class CausalLM(LightningModule):
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
         # a loaded checkpoint already holds the weights
         self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
+        if isinstance(recursion, dict):  # LightningCLI's hyper-parameters, a checkpoint's
+            recursion = Recursion(**recursion)
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias, recursion)
         self.model.set_grad_checkpointing(activation_checkpointing)
         self.val_loss = MeanMetric()
@@ -91,9 +93,9 @@ class CausalLM(LightningModule):
         loss = self.loss(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         stats = self.model.mor_stats
-        if self.hparams.recursion is not None and stats.processed is not None:
+        if self.model.recursion is not None and stats.processed is not None:
             values = {f"mor/processed/step{r}": share for r, share in enumerate(stats.processed)}
-            if self.hparams.recursion.routed:
+            if self.model.recursion.routed:
                 values["mor/router_loss"] = stats.aux_loss
             self.log_dict(values, batch_size=len(batch[0]))
         return loss
@@ -102,7 +104,7 @@ class CausalLM(LightningModule):
         """Token-choice recursion runs data-dependent shapes: every step is counted by tracing."""
         from lit_eff.callbacks.flops_monitor import DYNAMIC
 
-        recursion = self.hparams.recursion
+        recursion = self.model.recursion
         return DYNAMIC if recursion is not None and recursion.dynamic else None
 
     def _eval_step(self, batch, metric: MeanMetric, stage: str) -> None:
@@ -130,7 +132,7 @@ class CausalLM(LightningModule):
         """The data's sequences and tokens must fit the model (checked before the model summary): a
         ``block_size`` up to the model's, a vocabulary no larger than the model's."""
         data, model = self.trainer.datamodule, self.model
-        recursion = self.hparams.recursion
+        recursion = model.recursion
         if recursion is not None and recursion.routed and str(self.trainer.precision) == "16-mixed":
             raise ValueError(f"CausalLM(recursion=...) with routing={recursion.routing!r} cannot run under "
                              "precision='16-mixed': the gradient scaler would not scale the router losses; use "
