@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -18,7 +19,6 @@ from lit_eff.models.weights import load_weights
 from lit_eff.tokens.recursion import Recursion
 from lit_eff.tokens.skip import restore_routers
 from lit_eff.runs.resume import check_resume_state, load_or_explain
-
 
 class CausalLM(LightningModule):
     """Trains :class:`~lit_eff.models.GPT` on (tokens, next tokens) batches.
@@ -70,10 +70,13 @@ class CausalLM(LightningModule):
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
+        if isinstance(recursion, dict):  # a checkpoint's hyper-parameters
+            recursion = Recursion(**recursion)
+        if recursion is not None:  # stored as plain values: checkpoints load with weights_only=True
+            recursion = dataclasses.asdict(recursion)
         # a loaded checkpoint already holds the weights
         self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
-        if isinstance(recursion, dict):  # LightningCLI's hyper-parameters, a checkpoint's
-            recursion = Recursion(**recursion)
+        recursion = None if recursion is None else Recursion(**recursion)
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias, recursion)
         self.model.set_grad_checkpointing(activation_checkpointing)
         self.val_loss = MeanMetric()
@@ -92,13 +95,17 @@ class CausalLM(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
-        stats = self.model.mor_stats
-        if self.model.recursion is not None and stats.processed is not None:
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Mixture-of-Recursions statistics of the step's last forward, logged outside the
+        (possibly compiled) training step: each new metric name would compile Lightning's ``log`` again."""
+        stats, recursion = self.model.mor_stats, self.model.recursion
+        if recursion is not None and stats.processed is not None:
             values = {f"mor/processed/step{r}": share for r, share in enumerate(stats.processed)}
-            if self.model.recursion.routed:
+            if recursion.routed:
                 values["mor/router_loss"] = stats.aux_loss
             self.log_dict(values, batch_size=len(batch[0]))
-        return loss
 
     def flops_key(self):
         """Token-choice recursion runs data-dependent shapes: every step is counted by tracing."""
