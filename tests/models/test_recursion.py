@@ -3,6 +3,8 @@ code, causality at evaluation and in generate(), the KV cache, FLOPs, bad inputs
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from lit_eff.models import CausalLM, GPT
 from lit_eff.models.gpt import Block
 from lit_eff.models.kv_cache import KVCache
 from lit_eff.tokens.recursion import Recursion, RecursionStats, recurse
+from lit_eff.tokens.skip import attach_skip
 from tests.helpers import make_trainer, seeded, text
 from tests.test_flops import ReferenceCounter
 
@@ -136,3 +139,138 @@ def test_routing_matches_the_official_algorithm_outputs_losses_and_router_gradie
         assert stats.processed.tolist() == [18 / 24, 12 / 24, 6 / 24]
     else:  # every token takes step 0, then fewer; not all the same depth
         assert stats.processed[0] == 1.0 and 0.0 < stats.processed[2] < stats.processed[1] < 1.0
+
+
+def _future_changed(idx: torch.Tensor, t: int) -> torch.Tensor:
+    other = idx.clone()
+    other[:, t + 1 :] = (other[:, t + 1 :] + 17) % 256
+    return other
+
+
+@pytest.mark.parametrize("routing", ["expert", "token"])
+def test_evaluation_routing_is_causal_and_the_recursion_wise_cache_decodes_like_the_full_forward(routing):
+    seeded(0)
+    lm = mor_lm(routing, **({"capacity": [1.0, 0.5]} if routing == "expert" else {})).eval()
+    gpt = lm.model
+    loud_routers(gpt)
+    with torch.no_grad():
+        idx = torch.randint(0, 256, (3, 32))
+        full = gpt(idx)
+        assert 0.0 < float(gpt.mor_stats.processed[1]) < 1.0  # routed by each token's own state
+        for t in (0, 11, 25):
+            assert torch.allclose(gpt(_future_changed(idx, t))[:, : t + 1], full[:, : t + 1], atol=1e-5), t
+            assert torch.allclose(gpt(idx[:, : t + 1])[:, -1], full[:, t], atol=1e-5), t
+        # one token at a time through a KV cache: the same logits as the whole sequence at once
+        cache, row = KVCache(), idx[1:2]
+        steps = [gpt(row[:, :5], cache)]
+        steps += [gpt(row[:, i : i + 1], cache) for i in range(5, 32)]
+        assert torch.allclose(torch.cat(steps, dim=1), full[1:2], atol=1e-5)
+        first, shared, _ = gpt.layout
+        # recursion-wise: the second step caches only the tokens that took it
+        assert cache.layers[(first, 0)].k.shape[2] == 32 > cache.layers[(first, 1)].k.shape[2] > 0
+    assert lm.generate("The ", max_new_tokens=12, seed=0) == lm.generate("The ", max_new_tokens=12, seed=0,
+                                                                         use_cache=False)
+
+
+def test_expert_top_k_evaluation_routes_like_training_and_decodes_without_a_cache():
+    seeded(0)
+    lm = mor_lm("expert", capacity=[1.0, 0.25], eval_routing="topk").eval()
+    with torch.no_grad():
+        lm.model(torch.randint(0, 256, (2, 32)))
+    assert lm.model.mor_stats.processed.tolist() == [1.0, 0.25]
+    assert not lm.model.can_cache()
+    assert len(lm.generate("ab", max_new_tokens=3, seed=0)) >= 1
+
+
+def _fit_counted(module: CausalLM, steps: int):
+    monitor = FlopsMonitor()
+    probe = ReferenceCounter(monitor)
+    make_trainer(max_steps=steps, callbacks=[monitor, probe], limit_val_batches=0).fit(module, datamodule=text())
+    assert probe.monitored == pytest.approx(probe.reference, rel=1e-6)  # FlopsMonitor == FlopCounterMode
+    return monitor, probe.reference
+
+
+def test_training_flops_follow_the_routing_and_flops_monitor_counts_them_like_flop_counter_mode():
+    seeded(0)
+    monitor, token_steps = _fit_counted(mor_lm("token"), steps=4)
+    assert len(set(token_steps)) > 1, "token-choice depths did not change a step's FLOPs"
+    assert monitor.counted_batches == 4  # data-dependent shapes: every step traced
+    per_step = {}
+    for name, kwargs in {"none": {"routing": "none"}, "half": {"capacity": [1.0, 0.5]},
+                         "quarter": {"capacity": [1.0, 0.25]}}.items():
+        seeded(0)
+        monitor, steps = _fit_counted(mor_lm(**kwargs), steps=2)
+        assert monitor.counted_batches == 1 and steps[0] == steps[1]  # static shapes: counted once
+        per_step[name] = steps[0]
+    assert per_step["quarter"] < per_step["half"] < per_step["none"]
+    assert min(token_steps) < per_step["none"]
+
+
+def test_token_choice_compiles_without_per_step_recompiles():
+    """Depths change every batch: the shapes become dynamic at the first change and nothing
+    compiles again after it (dynamo alone: recompiles are decided before any backend)."""
+    seeded(0)
+    gpt = mor_lm("token").model.train()
+    batches = [torch.randint(0, 256, (4, 32)) for _ in range(6)]
+    torch._dynamo.reset()
+    compiled = torch.compile(gpt, backend="eager")
+    built = []
+    try:
+        for idx in batches:  # no optimizer step: the routing stays that of the weights below
+            before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            compiled(idx).float().square().mean().backward()
+            built.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    finally:
+        torch._dynamo.reset()
+    lengths = []  # the padded length the shared block ran at the second recursion, eagerly
+    hook = gpt.blocks[1].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        for idx in batches:
+            gpt(idx)
+    hook.remove()
+    second = lengths[1::2]
+    assert len(set(second)) >= 3 and max(second) < 32, second  # shapes changed more than once
+    assert built[0] > 0 and sum(1 for b in built[1:] if b) <= 1, built
+
+
+def test_a_recipe_builds_the_recursive_model_through_the_cli():
+    from lit_eff.cli import LitEffCLI
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    cli = LitEffCLI(args=["--config", os.path.join(configs, "gpt_text.yaml"), "--config",
+                          os.path.join(configs, "recipes", "mor", "expert_middle_cycle.yaml")], run=False)
+    gpt = cli.model.model
+    assert gpt.layout == (1, 1, 1) and len(gpt.blocks) == 3 and len(gpt.routers) == 2
+    assert gpt.recursion.capacity == [1.0, 0.5] and cli.trainer.max_steps == 1035
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"recursions": 1}, r"`recursions`.*got recursions=1"),
+    ({"sharing": "sequence"}, r"`sharing`.*middle_cycle.*got sharing='sequence'"),
+    ({"routing": "random"}, r"`routing`.*got routing='random'"),
+    ({"eval_routing": "all"}, r"`eval_routing`.*got eval_routing='all'"),
+    ({"router_func": "softmax"}, r"`router_func` in \['sigmoid', 'tanh'\] with routing='expert', got "
+                                 r"router_func='softmax'"),
+    ({"capacity": [1.0]}, r"`capacity` to be a list of 2 fractions.*got capacity=\[1.0\]"),
+    ({"capacity": [1.5, 0.5]}, r"`capacity`.*got capacity=1.5"),
+    ({"capacity": [0.5, 1.0]}, r"`capacity` in non-increasing order.*got capacity=\[0.5, 1.0\]"),
+    ({"alpha": 0.0}, r"`alpha`.*got alpha=0.0"),
+    ({"aux_loss_weight": -1.0}, r"`aux_loss_weight`.*got aux_loss_weight=-1.0"),
+])
+def test_bad_recursion_settings_are_refused_with_the_argument_and_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Recursion(**kwargs)
+
+
+def test_bad_model_combinations_are_refused_before_training():
+    with pytest.raises(ValueError, match=r"`recursions` to divide n_layer - 2.*got n_layer=5, recursions=2"):
+        mor_lm(n_layer=5)
+    with pytest.raises(ValueError, match=r"`recursions` to divide n_layer with sharing='cycle'.*n_layer=5"):
+        mor_lm(n_layer=5, sharing="cycle")
+    with pytest.raises(ValueError, match=r"cannot attach to a GPT with Mixture-of-Recursions"):
+        attach_skip(mor_lm().model, blocks=[0], method="mod")
+    from lightning.pytorch.plugins import MixedPrecision  # Lightning turns "16-mixed" into bf16 on CPU
+
+    trainer = make_trainer(max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    with pytest.raises(ValueError, match=r"routing='expert' cannot run under precision='16-mixed'"):
+        trainer.fit(mor_lm(), datamodule=text())
