@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_eff import validation
-from lit_eff.tokens.select import gather_tokens, scatter_tokens, topk_sorted
+from lit_eff.tokens.select import gather_tokens, scatter_tokens, selected_first, topk_sorted
 from lit_eff.tokens.skip import _AddAuxLoss
 
 __all__ = ["Recursion", "RecursionStats", "make_routers", "recurse"]
@@ -186,16 +186,6 @@ def expert_choice(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recu
     return x, aux
 
 
-def _first_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions ``[B, k]``: each row's selected tokens in order, padded at the end with
-    unselected ones (``k`` = the largest count), and which entries are selected."""
-    tokens = selected.shape[1]
-    k = int(selected.sum(dim=1).max())
-    position = torch.arange(tokens, device=selected.device)
-    chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
-    return chosen, selected.gather(1, chosen)
-
-
 def expert_choice_causal(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recursion,
                          stats: RecursionStats) -> torch.Tensor:
     """Evaluation routing without future information: a token takes step ``r`` when it took
@@ -208,10 +198,10 @@ def expert_choice_causal(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, 
         if s.capacity[r] < 1.0:
             alive = alive & (logits > 0)
         processed.append(alive.float().mean())
-        if not bool(alive.any()):
+        chosen, valid = selected_first(alive)
+        if chosen.shape[1] == 0:  # no token goes deeper
             processed += [processed[-1]] * (s.recursions - r - 1)
             break
-        chosen, valid = _first_selected(alive)
         inputs = gather_tokens(x, chosen)
         weight = (_gate(logits.gather(1, chosen), s) * valid).unsqueeze(-1)
         x = scatter_tokens(x, chosen, inputs + weight.to(inputs.dtype) * stack(inputs, r))
@@ -246,10 +236,10 @@ def token_choice(x: torch.Tensor, stack: Stack, router: nn.Linear, s: Recursion,
         if r == 0:
             chosen, valid = None, None  # every token takes the first step
         else:
-            if not bool(selected.any()):
+            chosen, valid = selected_first(selected)
+            if chosen.shape[1] == 0:
                 processed += [processed[-1]] * (recursions - r - 1)
                 break
-            chosen, valid = _first_selected(selected)
         inputs = _take(h, chosen)
         out = stack(inputs, r)
         d = _take(depth, chosen)
