@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
@@ -274,3 +275,15 @@ def test_bad_model_combinations_are_refused_before_training():
     trainer = make_trainer(max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
     with pytest.raises(ValueError, match=r"routing='expert' cannot run under precision='16-mixed'"):
         trainer.fit(mor_lm(), datamodule=text())
+
+
+def test_the_report_names_a_recursive_model_as_its_technique(tmp_path):
+    from lit_eff.report import techniques
+
+    for name, recursion in (("dense", None), ("mor", {"recursions": 2})):
+        os.makedirs(tmp_path / name)
+        config = {"model": {"class_path": "lit_eff.models.CausalLM", "init_args": {"recursion": recursion}},
+                  "trainer": {"callbacks": [{"class_path": "lit_eff.callbacks.FlopsMonitor"}]}}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    assert techniques(str(tmp_path / "dense")) == []
+    assert techniques(str(tmp_path / "mor")) == ["MixtureOfRecursions"]
