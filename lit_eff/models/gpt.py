@@ -146,7 +146,7 @@ class GPT(nn.Module):
                 return h
 
             x = recurse(x, stack, getattr(self, "routers", None), self.recursion, self.mor_stats,
-                        self.training and cache is None)
+                        self.training and cache is None, every_step=cache is None)
             for i in range(first + shared, len(self.blocks)):
                 x = self._block(i, x, cache)
         if cache is not None:

@@ -134,8 +134,11 @@ def make_routers(settings: Recursion, dim: int) -> nn.ModuleList:
 
 
 def recurse(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recursion, stats: RecursionStats,
-            training: bool) -> torch.Tensor:
-    """``x`` after the recursion steps; ``stack(h, r)`` runs the shared blocks on ``h`` at step ``r``."""
+            training: bool, every_step: bool = True) -> torch.Tensor:
+    """``x`` after the recursion steps; ``stack(h, r)`` runs the shared blocks on ``h`` at step ``r``.
+    ``every_step``: run each step even when no token takes it (on one padding token whose output
+    is discarded), so sharded blocks gather on every rank alike; ``False`` when decoding with a
+    KV cache, which must hold only the tokens that took a step."""
     aux_on = training and torch.is_grad_enabled() and stats.aux_scale > 0
     if s.routing == "none":
         for r in range(s.recursions):
@@ -143,11 +146,11 @@ def recurse(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recursion,
         stats.processed = x.new_ones(s.recursions, dtype=torch.float32)
         return x
     if s.routing == "token":
-        x, aux = token_choice(x, stack, routers[0], s, stats, aux_on)
+        x, aux = token_choice(x, stack, routers[0], s, stats, aux_on, every_step)
     elif training or s.eval_routing == "topk":
         x, aux = expert_choice(x, stack, routers, s, stats, aux_on)
     else:
-        return expert_choice_causal(x, stack, routers, s, stats)
+        return expert_choice_causal(x, stack, routers, s, stats, every_step)
     if aux is not None:
         stats.aux_loss = aux.detach()
         x = _AddAuxLoss.apply(x, aux, stats.aux_scale)
@@ -187,7 +190,7 @@ def expert_choice(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recu
 
 
 def expert_choice_causal(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, s: Recursion,
-                         stats: RecursionStats) -> torch.Tensor:
+                         stats: RecursionStats, every_step: bool = True) -> torch.Tensor:
     """Evaluation routing without future information: a token takes step ``r`` when it took
     step ``r - 1`` and its router logit is > 0 (every active token at a capacity of 1)."""
     batch, tokens = x.shape[:2]
@@ -198,7 +201,7 @@ def expert_choice_causal(x: torch.Tensor, stack: Stack, routers: nn.ModuleList, 
         if s.capacity[r] < 1.0:
             alive = alive & (logits > 0)
         processed.append(alive.float().mean())
-        chosen, valid = selected_first(alive)
+        chosen, valid = selected_first(alive, minimum=int(every_step))
         if chosen.shape[1] == 0:  # no token goes deeper
             processed += [processed[-1]] * (s.recursions - r - 1)
             break
@@ -220,7 +223,7 @@ def _put(x: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> t
 
 
 def token_choice(x: torch.Tensor, stack: Stack, router: nn.Linear, s: Recursion, stats: RecursionStats,
-                 aux_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 aux_on: bool, every_step: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each token picks its depth ``d`` (top-1 of its router); the tokens of depth >= ``r`` run
     step ``r``; a token ends as ``x + p_d * h`` with ``h`` its state after step ``d``."""
     recursions = s.recursions
@@ -236,7 +239,7 @@ def token_choice(x: torch.Tensor, stack: Stack, router: nn.Linear, s: Recursion,
         if r == 0:
             chosen, valid = None, None  # every token takes the first step
         else:
-            chosen, valid = selected_first(selected)
+            chosen, valid = selected_first(selected, minimum=int(every_step))
             if chosen.shape[1] == 0:
                 processed += [processed[-1]] * (recursions - r - 1)
                 break

@@ -31,12 +31,12 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def selected_first(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def selected_first(selected: torch.Tensor, minimum: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices ``[B, k]``: each row's ``selected`` tokens in order, padded at the end with
-    unselected ones (``k``: the largest count in the batch), and which entries are selected.
-    ``k`` depends on the data (a device sync): for routing by a per-token rule."""
+    unselected ones (``k``: the largest count in the batch, at least ``minimum``), and which
+    entries are selected. ``k`` depends on the data (a device sync): for routing by a per-token rule."""
     tokens = selected.shape[1]
-    k = int(selected.sum(dim=1).max())
+    k = min(tokens, max(minimum, int(selected.sum(dim=1).max())))
     position = torch.arange(tokens, device=selected.device)
     chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
     return chosen, selected.gather(1, chosen)

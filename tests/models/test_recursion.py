@@ -287,3 +287,23 @@ def test_the_report_names_a_recursive_model_as_its_technique(tmp_path):
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
     assert techniques(str(tmp_path / "dense")) == []
     assert techniques(str(tmp_path / "mor")) == ["MixtureOfRecursions"]
+
+
+def test_a_step_no_token_takes_still_runs_the_shared_block_without_changing_any_output():
+    """Under FSDP2 every rank must call a sharded block alike: the empty step runs on one padding
+    token whose output is discarded (a KV cache skips it: it holds only tokens that took a step)."""
+    seeded(0)
+    lm = mor_lm("expert", capacity=[1.0, 0.5]).eval()
+    gpt = lm.model
+    with torch.no_grad():
+        gpt.routers[1].weight.zero_()  # logit 0 everywhere: no token takes step 1 (threshold > 0)
+        calls = []
+        hook = gpt.blocks[1].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+        idx = torch.randint(0, 256, (2, 16))
+        full = gpt(idx)
+        hook.remove()
+        assert calls == [16, 1] and float(gpt.mor_stats.processed[1]) == 0.0
+        cache = KVCache()
+        decoded = torch.cat([gpt(idx[:1, :4], cache)] + [gpt(idx[:1, i : i + 1], cache) for i in range(4, 16)], 1)
+        assert (gpt.layout[0], 1) not in cache.layers
+        assert torch.allclose(decoded, full[:1], atol=1e-5)
