@@ -4,7 +4,8 @@ the structure of the step, not counted inside ``forward``."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+class _AtStep:
+    """The trainer as seen at another optimizer step (to prepare a planning probe)."""
+
+    def __init__(self, trainer: Trainer, step: int) -> None:
+        self._trainer, self.global_step = trainer, step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
 class TokenCallback(Technique):
     """Base of the token callbacks: finds the adapter, checks claims, prepares each batch
     (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`).
@@ -84,6 +95,7 @@ class TokenCallback(Technique):
         self._logged = (0, 0)
         self._lengths: set[int] = set()  # input token counts of this run (for flops_key)
         self._last_tokens: int | None = None
+        self._plan_steps: dict[Hashable, int] = {}
 
     # attaching --------------------------------------------------------------------------------
     def attached_to(self, pl_module: LightningModule) -> bool:
@@ -189,6 +201,35 @@ class TokenCallback(Technique):
             return None
         step = trainer.global_step
         return tuple((n, tuple(self.counts(trainer, step, n))) for n in sorted(self._lengths))
+
+    # planning a FLOPs budget ------------------------------------------------------------------
+    plans_flops = True
+
+    def plan_values(self, step: int) -> Hashable:
+        """The scheduled values that decide the tokens each block processes at ``step``."""
+        return None
+
+    @override
+    def plan_state(self, trainer: Trainer, step: int, total: int) -> Hashable:
+        if self.machinery is None:
+            return None
+        values = self.plan_values(step)
+        self._plan_steps.setdefault(values, step)  # a step with these values, to prepare the probe at
+        return values
+
+    @override
+    @contextlib.contextmanager
+    def plan_probe(self, trainer: Trainer, pl_module: LightningModule, state: Hashable, batch: Any) -> Iterator[None]:
+        if self.machinery is None:
+            yield
+            return
+        saved = self.technique_state()
+        step = self._plan_steps.get(state, 0)
+        self.prepare(_AtStep(trainer, step), pl_module, (run_seed(), step, 0), self._inputs(batch), True)
+        try:
+            yield
+        finally:
+            self.load_technique_state(saved)
 
     # logging and state ------------------------------------------------------------------------
     def token_counts(self) -> dict[str, float]:

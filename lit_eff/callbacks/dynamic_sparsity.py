@@ -112,6 +112,10 @@ class DynamicSparsity(MaskingTechnique):
                                      f"masks move only at multiples of it before step {self._end} "
                                      f"(stop_fraction={self.stop_fraction:g}), so they never move")
 
+    @override
+    def plan_densities(self, step: int, total: int) -> dict[str, float]:
+        return {name: self.densities[name] for name in self.targets}
+
     # masks -------------------------------------------------------------------------------------
     @override
     def start(self, trainer: Trainer) -> None:

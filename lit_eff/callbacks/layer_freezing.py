@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -99,13 +100,14 @@ class LayerFreezing(Technique):
         self._trainable = 0  # parameter elements trainable at the start
 
     # schedule ---------------------------------------------------------------------------------
-    def count(self, step: int) -> int:
-        """Units frozen at optimizer step ``step``."""
-        assert self.units is not None and self._total is not None, "LayerFreezing runs in a Trainer"
+    def count(self, step: int, total: int | None = None) -> int:
+        """Units frozen at optimizer step ``step`` (of a run of ``total`` steps: this one's by default)."""
+        total = total if total is not None else self._total
+        assert self.units is not None and total is not None, "LayerFreezing runs in a Trainer"
         n = len(self.units.names)
         if self.schedule == "composer":
-            return composer_count(step, self._total, n, self.final_fraction, self.freeze_start)
-        return window_count(step, self._total, n, self.final_fraction, self.freeze_start, self.window_end)
+            return composer_count(step, total, n, self.final_fraction, self.freeze_start)
+        return window_count(step, total, n, self.final_fraction, self.freeze_start, self.window_end)
 
     @property
     def window_end(self) -> float:
@@ -241,6 +243,28 @@ class LayerFreezing(Technique):
     @override
     def flops_key(self, trainer: Trainer) -> Hashable:
         return self.frozen  # settled at the end of the previous step
+
+    plans_flops = True
+
+    @override
+    def plan_state(self, trainer: Trainer, step: int, total: int) -> Hashable:
+        return self.count(step, self.total_steps or total)  # the units frozen while step `step` trains
+
+    @override
+    @contextlib.contextmanager
+    def plan_probe(self, trainer: Trainer, pl_module: LightningModule, state: Hashable, batch: Any) -> Iterator[None]:
+        assert self.units is not None
+        count = int(state)  # type: ignore[arg-type]
+        stem = list(stem_parameters(pl_module, self.units).values()) if self.freeze_stem and count else []
+        frozen = [p for unit in self.units.modules[:count] for p in unit.parameters()] + stem
+        flags = [(p, p.requires_grad) for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     # state ------------------------------------------------------------------------------------
     @property

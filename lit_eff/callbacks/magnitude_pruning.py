@@ -84,6 +84,12 @@ class MagnitudePruning(MaskingTechnique):
         except ValueError as error:
             raise ValueError(f"{error}{how}") from None
 
+    @override
+    def plan_densities(self, step: int, total: int) -> dict[str, float]:
+        # per layer with scope="layer"; with scope="global" the overall density (layers differ)
+        schedule = self.schedule if self.end_step is not None else self._schedule(max(1, int(0.75 * total)))
+        return dict.fromkeys(self.targets, 1.0 - schedule.target(step))
+
     # the schedule --------------------------------------------------------------------------------
     def _sched(self) -> PruningSchedule:
         if self.schedule is None:

@@ -98,6 +98,11 @@ class MaskingTechnique(Technique):
     def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """Work after the optimizer step that reached ``step`` (once per optimizer step)."""
 
+    def plan_densities(self, step: int, total: int) -> dict[str, float] | None:
+        """Each target's density while step ``step`` of a ``total``-step run trains, as the
+        schedule says (a FLOPs budget on sparse-effective FLOPs plans with it); ``None``: unknown."""
+        return None
+
     # shared work -------------------------------------------------------------------------------
     def enforce(self, trainer: Trainer) -> None:
         """Zero the dense weights and their optimizer state at pruned positions (at the start and

@@ -106,6 +106,14 @@ class NMSparsity(MaskingTechnique):
         return (f"its N:M frame/β moves from {n0}:{m0}/{schedule.beta(step):g} at step {step} to "
                 f"{n1}:{m1}/{schedule.beta(last):g} at step {last}")
 
+    @override
+    def plan_densities(self, step: int, total: int) -> dict[str, float]:
+        total = max(self.total_steps or total, self.dense_steps + self.finetune_steps)  # shorter runs fail at fit
+        if getattr(self, "_planned", (None,))[0] != total:
+            self._planned = (total, self._schedule(total))
+        density = self._planned[1].density(step)
+        return dict.fromkeys(self.targets, density)
+
     # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:

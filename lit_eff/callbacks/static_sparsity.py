@@ -100,6 +100,14 @@ class StaticSparsity(MaskingTechnique):
             validation.warn_inactive(self.name, "release_step", self.release_step, run,
                                      "the masks are never released (sparse to the end)")
 
+    @override
+    def plan_densities(self, step: int, total: int) -> dict[str, float]:
+        release = self.release_step
+        if release is None and self.release_fraction is not None:
+            release = max(1, int(self.release_fraction * total))
+        released = release is not None and step >= release
+        return {name: 1.0 if released else self.densities[name] for name in self.targets}
+
     # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _draw(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Hashable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -127,6 +129,29 @@ class StructuredFFN(Technique):
     @override
     def flops_key(self, trainer: Trainer) -> bool:
         return trainer.global_step < self.guide_steps  # the guides run (and cost FLOPs) until then
+
+    plans_flops = True
+
+    @override
+    def plan_state(self, trainer: Trainer, step: int, total: int) -> bool:
+        return self.guiding and step < round(self.guide_fraction * total)
+
+    @override
+    @contextlib.contextmanager
+    def plan_probe(self, trainer: Trainer, pl_module: LightningModule, state: Hashable, batch: Any) -> Iterator[None]:
+        guides = {} if state else {layer: layer.guide for layer in self.layers.values() if layer.guided}
+        for layer in guides:
+            layer.guide = None  # counted as after the guides are dropped
+        try:
+            yield
+        finally:
+            for layer, guide in guides.items():
+                layer.guide = guide
+
+    @override
+    def replan(self, trainer: Trainer) -> None:
+        if self.guide_steps:
+            self.guide_steps = max(1, round(self.guide_fraction * self.run_length(trainer)))
 
     # self-guided training ---------------------------------------------------------------------
     def alpha(self, step: int) -> float:

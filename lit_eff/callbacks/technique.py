@@ -12,8 +12,9 @@ A technique's math lives in its pure package (``lit_eff.sparsity``, ``lit_eff.to
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -122,6 +123,27 @@ class Technique(Callback):
         state settled by the end of the previous step, not from work done at batch start. Return
         :data:`lit_eff.callbacks.flops_monitor.DYNAMIC` when the FLOPs depend on the data."""
         return None
+
+    # planning a run at a FLOPs budget (lit_eff.callbacks.FlopsBudget) ---------------------------
+    #: Whether :meth:`plan_state` and :meth:`plan_probe` describe every change this technique
+    #: makes to a step's FLOPs. A technique that overrides :meth:`flops_key` sets it True once it
+    #: implements them; until then a planned budget refuses it.
+    plans_flops = False
+
+    def plan_state(self, trainer: Trainer, step: int, total: int) -> Hashable:
+        """What decides this technique's training-step FLOPs at optimizer step ``step`` of a run of
+        ``total`` steps (a pure function of the schedule). ``None``: the FLOPs never change."""
+        return None
+
+    @contextlib.contextmanager
+    def plan_probe(self, trainer: Trainer, pl_module: LightningModule, state: Hashable, batch: Any) -> Iterator[None]:
+        """Put the model in ``state`` (a :meth:`plan_state` value) while one training step on
+        ``batch`` is counted, and back afterwards."""
+        yield
+
+    def replan(self, trainer: Trainer) -> None:
+        """The run length was set after this technique's ``setup`` (a planned FLOPs budget):
+        recompute what ``setup`` derived from it."""
 
     # state ------------------------------------------------------------------------------------
     def technique_state(self) -> dict[str, Any]:

@@ -78,6 +78,10 @@ class TokenDrop(TokenCallback):
         return [value_at(r, step) for r in self.keep_ratios]
 
     @override
+    def plan_values(self, step: int) -> tuple[float, ...]:
+        return tuple(self.ratios_at(step))
+
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.attached_to(pl_module):
             return

@@ -78,6 +78,10 @@ class TokenSkip(TokenCallback):
         self.eval_routing = eval_routing
         self.multiple_of = multiple_of
 
+    @override
+    def plan_values(self, step: int) -> float:
+        return value_at(self.keep, step)
+
     def default_blocks(self, depth: int) -> list[int]:
         if self.method == "ltd":
             return list(range(1, depth - 1)) or list(range(depth))
