@@ -79,6 +79,8 @@ class CausalLM(LightningModule):
         recursion = None if recursion is None else Recursion(**recursion)
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias, recursion)
         self.model.set_grad_checkpointing(activation_checkpointing)
+        if recursion is not None and recursion.dynamic:  # only then: a static model's steps can be planned
+            self.flops_key = self._data_dependent_flops
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
@@ -107,12 +109,12 @@ class CausalLM(LightningModule):
                 values["mor/router_loss"] = stats.aux_loss
             self.log_dict(values, batch_size=len(batch[0]))
 
-    def flops_key(self):
-        """Token-choice recursion runs data-dependent shapes: every step is counted by tracing."""
+    def _data_dependent_flops(self):
+        """``flops_key`` of token-choice recursion, whose shapes depend on the data: FlopsMonitor
+        counts every step by tracing, and FlopsBudget cannot plan the run ahead."""
         from lit_eff.callbacks.flops_monitor import DYNAMIC
 
-        recursion = self.model.recursion
-        return DYNAMIC if recursion is not None and recursion.dynamic else None
+        return DYNAMIC
 
     def _eval_step(self, batch, metric: MeanMetric, stage: str) -> None:
         metric.update(self.loss(batch), weight=batch[1].numel())

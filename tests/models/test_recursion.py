@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from lit_eff.callbacks import FlopsMonitor
+from lit_eff.flops import count_flops
 from lit_eff.models import CausalLM, GPT
 from lit_eff.models.gpt import Block
 from lit_eff.models.kv_cache import KVCache
@@ -307,3 +308,18 @@ def test_a_step_no_token_takes_still_runs_the_shared_block_without_changing_any_
         decoded = torch.cat([gpt(idx[:1, :4], cache)] + [gpt(idx[:1, i : i + 1], cache) for i in range(4, 16)], 1)
         assert (gpt.layout[0], 1) not in cache.layers
         assert torch.allclose(decoded, full[:1], atol=1e-5)
+
+
+def test_a_flops_budget_plans_expert_choice_and_refuses_to_plan_token_choice():
+    from lit_eff.callbacks import FlopsBudget
+
+    seeded(0)
+    step = count_flops(lambda: mor_lm().model.train()(torch.randint(0, 256, (8, 32)))).total
+    budget = FlopsBudget(budget=3.5 * step)
+    trainer = make_trainer(max_steps=100, callbacks=[FlopsMonitor(), budget], limit_val_batches=0)
+    trainer.fit(mor_lm(), datamodule=text())
+    assert budget.planned_steps == trainer.global_step == 4  # static shapes: planned from one counted step
+    with pytest.raises(ValueError, match=r"cannot tell ahead how CausalLM \(the compute of its steps is drawn at "
+                                         r"random or depends on the data\).*plan: false"):
+        make_trainer(max_steps=4, callbacks=[FlopsMonitor(), FlopsBudget(budget=1e9)]).fit(
+            mor_lm("token"), datamodule=text())
