@@ -12,9 +12,10 @@ Each run is ``lit-eff fit --config BASE [--config FRAGMENT] --config <budget fra
 to ``OUT/runs/<variant>/seed<SEED>/`` (TensorBoard events, the run's ``config.yaml`` and
 ``checkpoints/last.ckpt``), so the report averages the seeds of each variant. A variant is named
 after its fragment's file. ``--metric`` defaults to the first of val/acc, val/bpb, val/loss that
-the runs log. The budget caps a run; a run whose ``max_epochs``/``max_steps`` come first stops
-short of it (the sweep says so, and the report's equal-FLOPs column still compares at a common
-budget).
+the runs log. Each run is planned to spend the budget: its length is set so that its FLOPs reach
+the budget and its learning-rate and technique schedules end there (a technique with cheaper
+steps gets more of them). With ``--no-plan`` the budget only stops a run, and a run whose
+``max_epochs``/``max_steps`` come first stops short of it (the sweep says so).
 
 SIGTERM or Ctrl+C stops the sweep: the run in progress saves its ``last.ckpt`` after its current
 step (the base config's :class:`~lit_eff.runs.ResumableCheckpoint`; without one it runs to its
@@ -76,12 +77,13 @@ def plan(base: str, techniques: list[str], seeds: list[int], out: str,
     return runs
 
 
-def _budget_fragment(path: str, out: str, variant: str, seed: int, budget: float, kind: str) -> None:
+def _budget_fragment(path: str, out: str, variant: str, seed: int, budget: float, kind: str, plan: bool) -> None:
     fragment = {"trainer": {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": os.path.join(out, "runs"), "name": variant, "version": f"seed{seed}",
                                  "default_hp_metric": False}},
-        "callbacks+": [{"class_path": "lit_eff.callbacks.FlopsBudget", "init_args": {"budget": budget, "kind": kind}}],
+        "callbacks+": [{"class_path": "lit_eff.callbacks.FlopsBudget", "init_args": {"budget": budget, "kind": kind,
+                                                                                 "plan": plan}}],
     }}
     with open(path, "w") as f:
         yaml.safe_dump(fragment, f)
@@ -145,7 +147,7 @@ class _Signals:
 
 def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], metric: str | None = None,
           flops: str = "executed", out: str = "sweep", extra: list[str] | tuple = (),
-          resume: bool = False) -> ReportResult:
+          resume: bool = False, plan_runs: bool = True) -> ReportResult:
     """Run every (variant, seed) of the sweep, then write and return the report. Raises
     ``SystemExit(143)`` (SIGTERM) or ``SystemExit(130)`` (SIGINT) when stopped; ``resume``
     continues a stopped sweep."""
@@ -155,7 +157,7 @@ def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], met
         raise ValueError(f"Expected --flops in {tuple(FLOPS_TAGS)}, got {flops!r}")
     runs = plan(base, techniques, seeds, out, resume)
     arguments = {"base": base, "techniques": list(techniques), "budget": budget, "seeds": list(seeds),
-                 "flops": flops, "extra": list(extra)}
+                 "flops": flops, "extra": list(extra), "plan": plan_runs}
     state = _State(out, arguments, resume)
     # In-process rather than one subprocess per run: no second import of torch and Lightning per
     # run (seconds each, most of a small run), and a failure surfaces with its own traceback. Runs
@@ -171,7 +173,7 @@ def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], met
                 print(f"[sweep {i}/{len(runs)}] {variant}, seed {seed}: finished earlier, kept", flush=True)
                 continue
             budget_yaml = os.path.join(out, "fragments", f"{variant}_seed{seed}.yaml")  # kept: the command reruns
-            _budget_fragment(budget_yaml, out, variant, seed, budget, flops)
+            _budget_fragment(budget_yaml, out, variant, seed, budget, flops, plan_runs)
             args = ["fit", "--config", base, *(["--config", fragment] if fragment else []),
                     "--config", budget_yaml, "--seed_everything", str(seed), *extra]
             last = os.path.join(folder, "checkpoints", "last.ckpt")
@@ -195,9 +197,9 @@ def sweep(base: str, techniques: list[str], budget: float, seeds: list[int], met
     metric = metric or _default_metric(runs[0][3])
     result = report([os.path.join(out, "runs")], metric, flops, out)
     for run in result.runs:
-        if run.total_flops < budget:
+        if run.total_flops < 0.99 * budget:
             print(f"lit-eff sweep: {run.name} stopped at {run.total_flops:.4g} FLOPs, short of the budget "
-                  f"{budget:.4g} (max_epochs/max_steps came first); raise them after `--` or lower --budget")
+                  f"{budget:.4g} (with --no-plan, max_epochs/max_steps came first; raise them after `--`)")
     return result
 
 
@@ -231,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", default=None, help=f"scalar to compare (default: first of {DEFAULT_METRICS})")
     parser.add_argument("--flops", choices=tuple(FLOPS_TAGS), default="executed", help="FLOPs the budget counts")
     parser.add_argument("--out", default="sweep", help="folder for the runs and the report")
+    parser.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
+                        help="set each run's length so it spends the budget and its schedules end there (default); "
+                             "--no-plan only stops runs at the budget")
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped sweep in --out: keep finished runs, resume the interrupted one")
     return parser
@@ -247,7 +252,7 @@ def cli(argv: list[str]) -> None:
         cli_parser.error(f"argument --budget: expected > 0 (training FLOPs), got {args.budget:g}")
     try:
         result = sweep(args.base, args.techniques, args.budget, args.seeds, args.metric, args.flops, args.out, extra,
-                       args.resume)
+                       args.resume, args.plan)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise SystemExit(f"lit-eff sweep: error: {error}") from None
     print(f"{result.table}\n\nWrote {result.plot_path} and {result.table_path}")
