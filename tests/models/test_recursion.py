@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch.nn.utils.rnn import pad_sequence
 
 from lit_eff.callbacks import FlopsMonitor
