@@ -56,7 +56,7 @@ TASKS = {
         "reference": ["--trainer.max_steps", "100", "--trainer.val_check_interval", "100000"],
         "lrs": [1.5e-3, 3e-3, 6e-3], "lr_arg": "--model.init_args.lr",
         "techniques": ["nm_2of4_srste", "nm_1of8_pgf", "gmp_unstructured", "rigl_erk", "spdf", "token_skip_ltd",
-                       "token_skip_mod", "grad_mask", "layer_freezing", "structured_ffn_lowrank"],
+                       "token_skip_mod", "grad_mask", "layer_freezing", "structured_ffn_lowrank", "mor_expert"],
         "stacks": {"nm_2of4_srste+token_skip_mod": ["nm_2of4_srste", "token_skip_mod"],
                    "layer_freezing+token_skip_ltd": ["layer_freezing", "token_skip_ltd"]},
     },
@@ -68,7 +68,7 @@ CARDS = {"nm_2of4_srste": "nm_sparsity", "nm_1of8_pgf": "nm_sparsity", "gmp_unst
          "rigl_erk": "dynamic_sparsity", "spdf": "spdf", "token_drop": "token_drop", "token_merge": "token_merge",
          "token_skip_ltd": "token_skip", "token_skip_mod": "token_skip", "grad_mask": "gradient_masking",
          "layer_freezing": "layer_freezing", "structured_ffn_lowrank": "structured_ffn",
-         "sparse_ift_wide": "sparse_ift"}
+         "sparse_ift_wide": "sparse_ift", "mor_expert": "mixture_of_recursions"}
 BEGIN, END = "<!-- results: written by benchmarks/results.py -->", "<!-- /results -->"
 
 

@@ -101,11 +101,14 @@ def sample_batch(trainer: Trainer, samples: int) -> Any:
     """A training batch of ``samples`` samples, read without advancing the data loader."""
     loader = _loader(trainer)
     tensors = getattr(loader, "tensors", None)
+    transform = getattr(loader, "transform", None)  # the kit's loaders: e.g. text bytes to token ids
     if tensors is not None:  # the kit's ResumableLoader over tensors
-        return tuple(t[:samples] for t in tensors)
+        batch = tuple(t[:samples] for t in tensors)
+        return batch if transform is None else transform(batch, torch.Generator().manual_seed(0))
     dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
     if dataset is not None and collate is not None and hasattr(dataset, "__getitem__"):
-        return collate([dataset[i] for i in range(min(samples, len(dataset)))])
+        batch = collate([dataset[i] for i in range(min(samples, len(dataset)))])
+        return batch if transform is None else transform(batch, torch.Generator().manual_seed(0))
     raise ValueError(f"Cannot read a batch from the training data loader {type(loader).__name__} without iterating "
                      "it; plan a FLOPs budget over a map-style dataset, or use `plan: false`")
 

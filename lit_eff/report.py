@@ -136,11 +136,16 @@ def _class_name(callback: Any) -> str:
 
 
 def techniques(run_dir: str) -> list[str] | None:
-    """Class names of the callbacks in the run's saved ``config.yaml``, less the plumbing."""
+    """Class names of the callbacks in the run's saved ``config.yaml``, less the plumbing, and
+    ``MixtureOfRecursions`` for a model with ``recursion`` set."""
     config = read_config(run_dir)
     if config is None:
         return None
-    return [name for name in map(_class_name, _callbacks(config)) if name not in PLUMBING]
+    names = [name for name in map(_class_name, _callbacks(config)) if name not in PLUMBING]
+    model = config.get("model") or {}
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict) and model["init_args"].get("recursion"):
+        names.append("MixtureOfRecursions")
+    return names
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

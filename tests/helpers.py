@@ -26,6 +26,15 @@ def tiny_gpt(**kwargs: Any) -> CausalLM:
     return CausalLM(block_size=32, n_layer=2, n_head=2, n_embd=32, **kwargs)
 
 
+def tiny_mor(routing: str = "expert", **kwargs: Any) -> CausalLM:
+    """Mixture-of-Recursions at the tiny GPT's width: vanilla depth 4, middle-cycle sharing (a
+    unique first and last block around one shared block applied twice), routed per token."""
+    from lit_eff.tokens.recursion import Recursion
+
+    recursion = Recursion(recursions=2, routing=routing, capacity=[1.0, 0.5] if routing == "expert" else None)
+    return CausalLM(block_size=32, n_layer=4, n_head=2, n_embd=32, recursion=recursion, **kwargs)
+
+
 def digits(**kwargs: Any) -> DigitsDataModule:
     return DigitsDataModule(batch_size=kwargs.pop("batch_size", 32), **kwargs)
 
@@ -34,7 +43,8 @@ def text(**kwargs: Any) -> TextDataModule:
     return TextDataModule(block_size=32, batch_size=kwargs.pop("batch_size", 8), **kwargs)
 
 
-MODELS = {"vit": (tiny_vit, digits), "cnn": (tiny_cnn, digits), "gpt": (tiny_gpt, text)}
+MODELS = {"vit": (tiny_vit, digits), "cnn": (tiny_cnn, digits), "gpt": (tiny_gpt, text),
+          "gpt-mor": (tiny_mor, text), "gpt-mor-token": (lambda **kw: tiny_mor("token", **kw), text)}
 
 
 def make_trainer(**kwargs: Any) -> Trainer:

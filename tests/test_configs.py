@@ -18,7 +18,7 @@ def _base_of(fragment: str) -> str:
         return "supernet_vit_digits.yaml"
     with open(fragment) as f:
         text = f.read()
-    if name.startswith("gpt_") or "TokenSkip" in text:  # language-model fragments
+    if name.startswith("gpt_") or "TokenSkip" in text or "recursion:" in text:  # language-model fragments
         return "gpt_text.yaml"
     return "vit_digits.yaml"
 

@@ -148,7 +148,7 @@ def test_sweep_groups_seeds_and_reports(runs, capsys):
             config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
             assert config["seed_everything"] == seed
             budget_callback = {"class_path": "lit_eff.callbacks.FlopsBudget",
-                               "init_args": {"budget": budget, "kind": "executed"}}
+                               "init_args": {"budget": budget, "kind": "executed", "plan": True}}
             assert budget_callback in config["trainer"]["callbacks"]
             finals.append(s["val/acc"][-1].value)
         mean = sum(finals) / 2

@@ -80,7 +80,8 @@ class FlopsBudget(Callback):
             unplanned += [f"{cb.name} (its masks' densities)" for cb in techniques if isinstance(cb, MaskingTechnique)
                           and type(cb).plan_densities is MaskingTechnique.plan_densities]
         if callable(getattr(pl_module, "flops_key", None)):
-            unplanned.append(f"{type(pl_module).__name__} (it draws its step's compute at random)")
+            unplanned.append(f"{type(pl_module).__name__} (the compute of its steps is drawn at random or "
+                             "depends on the data)")
         if unplanned:
             raise ValueError(f"FlopsBudget(plan=True) cannot tell ahead how {', '.join(unplanned)} change the FLOPs of "
                              "a training step over the run; use `plan: false` (training still stops at the budget, "

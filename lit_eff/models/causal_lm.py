@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -10,15 +11,16 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_eff.models.gpt import GPT
+from lit_eff.models.kv_cache import KVCache
 from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
 from lit_eff.models.weights import load_weights
+from lit_eff.tokens.recursion import Recursion
 from lit_eff.tokens.skip import restore_routers
 from lit_eff.sparsity.ift import restore_structure
 from lit_eff.runs.resume import check_resume_state, load_or_explain
 from lit_eff.validation import stepping_batches
-
 
 class CausalLM(LightningModule):
     """Trains :class:`~lit_eff.models.GPT` on (tokens, next tokens) batches.
@@ -35,6 +37,10 @@ class CausalLM(LightningModule):
     ``activation_checkpointing``: recompute each block's activations in backward instead of
     storing them (``set_grad_checkpointing``). Under Lightning's ``ModelParallelStrategy`` the
     model is sharded with FSDP2, one unit per block (:mod:`lit_eff.models.sharding`).
+
+    ``recursion``: Mixture-of-Recursions (:class:`~lit_eff.tokens.recursion.Recursion`,
+    docs/techniques/mixture_of_recursions.md); logs ``mor/router_loss`` and
+    ``mor/processed/step{r}`` (share of the tokens each recursion step processed).
 
     Example::
 
@@ -60,16 +66,24 @@ class CausalLM(LightningModule):
         init_weights: str | None = None,
         init_weights_skip: list[str] | None = None,
         activation_checkpointing: bool = False,
+        recursion: Recursion | None = None,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup)
         compile_agnostic_state_dict(self)  # the same checkpoint keys with a compiled `self.model`
         self.register_load_state_dict_pre_hook(restore_routers)  # Mixture-of-Depths routers in a state dict
         self.register_load_state_dict_pre_hook(restore_structure)  # Sparse-IFT's wider / parallel layers
+        if isinstance(recursion, dict):  # a checkpoint's hyper-parameters
+            recursion = Recursion(**recursion)
+        if recursion is not None:  # stored as plain values: checkpoints load with weights_only=True
+            recursion = dataclasses.asdict(recursion)
         # a loaded checkpoint already holds the weights
         self.save_hyperparameters(ignore=["init_weights", "init_weights_skip"])
-        self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
+        recursion = None if recursion is None else Recursion(**recursion)
+        self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias, recursion)
         self.model.set_grad_checkpointing(activation_checkpointing)
+        if recursion is not None and recursion.dynamic:  # only then: a static model's steps can be planned
+            self.flops_key = self._data_dependent_flops
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
@@ -87,6 +101,23 @@ class CausalLM(LightningModule):
         loss = self.loss(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Mixture-of-Recursions statistics of the step's last forward, logged outside the
+        (possibly compiled) training step: each new metric name would compile Lightning's ``log`` again."""
+        stats, recursion = self.model.mor_stats, self.model.recursion
+        if recursion is not None and stats.processed is not None:
+            values = {f"mor/processed/step{r}": share for r, share in enumerate(stats.processed)}
+            if recursion.routed:
+                values["mor/router_loss"] = stats.aux_loss
+            self.log_dict(values, batch_size=len(batch[0]))
+
+    def _data_dependent_flops(self):
+        """``flops_key`` of token-choice recursion, whose shapes depend on the data: FlopsMonitor
+        counts every step by tracing, and FlopsBudget cannot plan the run ahead."""
+        from lit_eff.callbacks.flops_monitor import DYNAMIC
+
+        return DYNAMIC
 
     def _eval_step(self, batch, metric: MeanMetric, stage: str) -> None:
         metric.update(self.loss(batch), weight=batch[1].numel())
@@ -113,6 +144,12 @@ class CausalLM(LightningModule):
         """The data's sequences and tokens must fit the model (checked before the model summary): a
         ``block_size`` up to the model's, a vocabulary no larger than the model's."""
         data, model = self.trainer.datamodule, self.model
+        recursion = model.recursion
+        if recursion is not None and recursion.routed and str(self.trainer.precision) == "16-mixed":
+            raise ValueError(f"CausalLM(recursion=...) with routing={recursion.routing!r} cannot run under "
+                             "precision='16-mixed': the gradient scaler would not scale the router losses; use "
+                             "'bf16-mixed' or 32-bit")
+        model.mor_stats.aux_scale = 1.0 / max(1, self.trainer.accumulate_grad_batches)
         block, vocab = getattr(data, "block_size", None), getattr(data, "vocab_size", None)
         if isinstance(block, int) and block > model.block_size:
             raise ValueError(f"{type(data).__name__} cuts sequences of `block_size`={block} tokens, longer than the "
@@ -138,8 +175,10 @@ class CausalLM(LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = 50, seed: int = 0) -> str:
-        """Sample a continuation of ``prompt`` (UTF-8 bytes) and return it decoded."""
+                 top_k: int | None = 50, seed: int = 0, use_cache: bool = True) -> str:
+        """Sample a continuation of ``prompt`` (UTF-8 bytes) and return it decoded. ``use_cache``:
+        keep keys and values between tokens while the text fits ``block_size`` (where the model
+        allows it, :meth:`GPT.can_cache`); otherwise every step recomputes the window."""
         if max_new_tokens < 0:
             raise ValueError(f"Expected `max_new_tokens` >= 0, got max_new_tokens={max_new_tokens}")
         if temperature <= 0:
@@ -149,8 +188,16 @@ class CausalLM(LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         start = list(prompt.encode("utf-8")) or [ord("\n")]
         idx = torch.tensor([start], dtype=torch.long, device=self.device)
-        for _ in range(max_new_tokens):
-            logits = self.model(idx[:, -self.model.block_size :])[:, -1, :].float() / temperature
+        model = getattr(self.model, "_orig_mod", self.model)  # a cache is Python state: run eagerly
+        cache = KVCache() if use_cache and model.can_cache() and idx.shape[1] <= model.block_size else None
+        for step in range(max_new_tokens):
+            if cache is not None and idx.shape[1] > model.block_size:
+                cache = None  # the window moves: positions change, recompute from here on
+            if cache is None:
+                logits = self.model(idx[:, -model.block_size :])
+            else:
+                logits = model(idx if step == 0 else idx[:, -1:], cache)
+            logits = logits[:, -1, :].float() / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

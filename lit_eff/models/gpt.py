@@ -1,5 +1,6 @@
 """A small GPT: pre-norm decoder blocks, fused causal attention, learned positions, tied
-input/output embeddings, byte vocabulary by default."""
+input/output embeddings, byte vocabulary by default; optionally Mixture-of-Recursions (shared
+blocks applied up to R times per token, :mod:`lit_eff.tokens.recursion`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lit_eff.models.kv_cache import KVCache, LayerCache
+from lit_eff.tokens.recursion import Recursion, RecursionStats, make_routers, recurse
 
 
 class CausalSelfAttention(nn.Module):
@@ -17,10 +21,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        causal = True
+        if cache is not None:  # generate(): earlier keys and values come from the cache
+            k, v, causal = cache.extend(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -46,8 +54,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -56,6 +64,11 @@ class GPT(nn.Module):
 
     Blocks live in ``self.blocks`` (an ``nn.ModuleList``) so techniques can reach them; the
     output head shares its weight with the token embedding.
+
+    ``recursion``: Mixture-of-Recursions (:class:`~lit_eff.tokens.recursion.Recursion`). ``n_layer``
+    is then the depth of the equivalent vanilla model; ``self.blocks`` holds the unique blocks
+    (``middle_cycle``: the first, ``(n_layer - 2) / R`` shared ones, the last) and
+    ``self.routers`` the routers.
     """
 
     causal = True
@@ -70,6 +83,7 @@ class GPT(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         bias: bool = True,
+        recursion: Recursion | None = None,
     ) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
@@ -79,10 +93,15 @@ class GPT(nn.Module):
         if n_embd % n_head:
             raise ValueError(f"Expected `n_head` to divide `n_embd`, got n_embd={n_embd}, n_head={n_head}")
         self.vocab_size, self.block_size = vocab_size, block_size
+        self.recursion = recursion
+        self.layout = (n_layer, 0, 0) if recursion is None else recursion.layout(n_layer)
+        self.mor_stats = RecursionStats()
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio, dropout, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio, dropout, bias) for _ in range(sum(self.layout)))
+        if recursion is not None and recursion.routed:
+            self.routers = make_routers(recursion, n_embd)
         self.norm = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.wte.weight
@@ -106,19 +125,45 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = start + idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"Expected a sequence of at most block_size={self.block_size} tokens, got {t}")
-        positions = torch.arange(t, device=idx.device)
+        positions = torch.arange(start, t, device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(positions))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, time, vocab]`` for token ids ``[batch, time]``."""
-        x = self.embed(idx)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``[batch, time, vocab]`` for token ids ``[batch, time]``; with a ``cache``
+        (:meth:`can_cache`), ``idx`` continues the tokens the cache has seen."""
+        x = self.embed(idx, 0 if cache is None else cache.length)
+        first, shared, _ = self.layout
+        for i in range(first):
+            x = self._block(i, x, cache)
+        if self.recursion is not None:
+            def stack(h: torch.Tensor, r: int) -> torch.Tensor:
+                for i in range(first, first + shared):
+                    h = self._block(i, h, cache, r)
+                return h
+
+            x = recurse(x, stack, getattr(self, "routers", None), self.recursion, self.mor_stats,
+                        self.training and cache is None, every_step=cache is None)
+            for i in range(first + shared, len(self.blocks)):
+                x = self._block(i, x, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
         return self.head(self.norm(x))
+
+    def _block(self, index: int, x: torch.Tensor, cache: KVCache | None, step: int = 0) -> torch.Tensor:
+        block = self.blocks[index]
+        if cache is not None:
+            return block(x, cache.layer((index, step)))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def can_cache(self) -> bool:
+        """Whether :meth:`forward` may decode with a :class:`KVCache`: plain blocks (no token
+        technique attached) and causal routing (no evaluation top-k over the sequence)."""
+        plain = all(type(block) is Block for block in self.blocks)
+        return plain and (self.recursion is None or self.recursion.routing != "expert"
+                          or self.recursion.eval_routing == "threshold")

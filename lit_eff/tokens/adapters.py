@@ -101,6 +101,11 @@ def _gpt_adapter(module: nn.Module) -> TokenAdapter | None:
 
     if not isinstance(module, GPT):
         return None
+    if module.recursion is not None:
+        raise ValueError("Token techniques (TokenDrop, TokenMerge, TokenSkip) cannot attach to a GPT with "
+                         "Mixture-of-Recursions (`recursion` set): its shared blocks already run on routed token "
+                         "subsets, several times per forward; use the GPT without `recursion` or drop the token "
+                         "technique")
     return TokenAdapter(model=module, blocks=list(module.blocks), num_prefix_tokens=0, causal=True, family="gpt",
                         num_patches=module.block_size, dim=module.wte.embedding_dim, norm=module.norm,
                         sequence_length=_last_dim)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SCORES", "cls_attention", "gather_tokens", "scatter_tokens", "score_tokens", "topk_sorted",
-           "with_prefix"]
+__all__ = ["SCORES", "cls_attention", "gather_tokens", "scatter_tokens", "score_tokens", "selected_first",
+           "topk_sorted", "with_prefix"]
 
 SCORES = ("attn", "cosine", "norm", "random")
 
@@ -29,6 +29,17 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest ``scores`` per row, in increasing (original) order."""
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def selected_first(selected: torch.Tensor, minimum: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices ``[B, k]``: each row's ``selected`` tokens in order, padded at the end with
+    unselected ones (``k``: the largest count in the batch, at least ``minimum``), and which
+    entries are selected. ``k`` depends on the data (a device sync): for routing by a per-token rule."""
+    tokens = selected.shape[1]
+    k = min(tokens, max(minimum, int(selected.sum(dim=1).max())))
+    position = torch.arange(tokens, device=selected.device)
+    chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
+    return chosen, selected.gather(1, chosen)
 
 
 def with_prefix(chosen: torch.Tensor, prefix: int) -> torch.Tensor:

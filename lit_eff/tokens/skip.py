@@ -23,7 +23,7 @@ from torch import nn
 from lit_eff.seeding import generator
 from lit_eff.tokens.adapters import TokenAdapter
 from lit_eff.tokens.attach import BlockMixin, attach, detach
-from lit_eff.tokens.select import gather_tokens, scatter_tokens, topk_sorted, with_prefix
+from lit_eff.tokens.select import gather_tokens, scatter_tokens, selected_first, topk_sorted, with_prefix
 
 __all__ = ["ROUTER_NAME", "TokenSkipper", "add_routers", "attach_skip", "restore_routers"]
 
@@ -151,13 +151,9 @@ def route(block: nn.Module, s: SkipSettings, x: torch.Tensor, run) -> torch.Tens
         chosen = topk_sorted(logits.detach(), kept_count(tokens, s.capacity, s.multiple_of))
         valid = None
     else:  # causal: each token decides alone; selected first (in order), the rest pad the end
-        selected = logits.detach() > 0
-        k = int(selected.sum(dim=1).max())
-        if k == 0:
+        chosen, valid = selected_first(logits.detach() > 0)
+        if chosen.shape[1] == 0:
             return x
-        position = torch.arange(tokens, device=x.device)
-        chosen = torch.where(selected, position, position + tokens).argsort(dim=1)[:, :k]
-        valid = selected.gather(1, chosen)
     kept = with_prefix(chosen, prefix)
     inputs = gather_tokens(x, kept)
     update = run(inputs) - inputs

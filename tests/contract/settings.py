@@ -377,6 +377,25 @@ SETTINGS.update({
 
 
 
+# --- Mixture-of-Recursions (a CausalLM model option, lit_eff.tokens.recursion) ----------------
+def _check_mor(trainer: Trainer, monitor: FlopsMonitor) -> None:
+    """Vanilla depth 4 as 1 + (1 shared x 2) + 1 blocks; expert-choice keeps every token at the
+    first recursion and half at the second; the routers trained and are in the state dict."""
+    _check_monitor(trainer, monitor)
+    assert float(trainer.callback_metrics["mor/processed/step0"]) == 1.0
+    assert float(trainer.callback_metrics["mor/processed/step1"]) == 0.5
+    assert float(trainer.callback_metrics["mor/router_loss"]) > 0
+    state = trainer.lightning_module.state_dict()
+    assert len([k for k in state if k.endswith("blocks.1.attn.qkv.weight")]) == 1
+    assert not any(".blocks.3." in k for k in state) and "model.routers.1.weight" in state
+
+
+SETTINGS.update({
+    # the technique is the model: FlopsMonitor on the MoR GPT takes it through every column
+    "FlopsMonitor-mor": Setting(FlopsMonitor, {}, "gpt-mor", check=_check_mor),
+})
+
+
 # --- knowledge distillation (lit_eff.distill) ------------------------------------------------
 from lit_eff.callbacks import KnowledgeDistillation  # noqa: E402
 from tests.distill.common import check_distilled, contract_teacher  # noqa: E402
