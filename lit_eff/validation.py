@@ -117,7 +117,7 @@ def stepping_batches(trainer: Any) -> float:
     """The optimizer steps this fit will take: ``trainer.estimated_stepping_batches`` (the smaller of
     what ``max_steps`` and ``max_epochs`` allow), or the datamodule's ``planned_steps(trainer)``
     where it has one (epochs that shrink during training, e.g. dynamic data removal)."""
-    planned = getattr(trainer.datamodule, "planned_steps", None)
+    planned = getattr(getattr(trainer, "datamodule", None), "planned_steps", None)
     steps = planned(trainer) if callable(planned) else None
     return trainer.estimated_stepping_batches if steps is None else steps
 
