@@ -246,7 +246,8 @@ def restore_structure(module: nn.Module, state_dict: dict, prefix: str, *args) -
                 changed.append((clean, name))
         fc1, fc2 = getattr(sub, "fc1", None), getattr(sub, "fc2", None)
         key = _weight_key(keys, f"{clean}.fc1") if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) else None
-        if key is not None and state_dict[key].shape[0] != fc1.out_features:
+        # wider only: a narrower hidden layer is another technique's (structured pruning shrinks it)
+        if key is not None and state_dict[key].shape[0] > fc1.out_features:
             hidden, like = state_dict[key].shape[0], dict(device=fc1.weight.device, dtype=fc1.weight.dtype)
             sub.fc1 = nn.Linear(fc1.in_features, hidden, bias=fc1.bias is not None, **like)
             sub.fc2 = nn.Linear(hidden, fc2.out_features, bias=fc2.bias is not None, **like)
