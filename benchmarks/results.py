@@ -54,7 +54,7 @@ TASKS = {
     "gpt_text": {
         "base": "configs/gpt_text.yaml", "metric": "val/bpb", "higher": False,
         "reference": ["--trainer.max_steps", "100", "--trainer.val_check_interval", "100000"],
-        "budgets": [0.5, 1.0],
+        "budgets": [0.25, 0.5],
         "lrs": [1.5e-3, 3e-3, 6e-3], "lr_arg": "--model.init_args.lr",
         "techniques": ["nm_2of4_srste", "nm_1of8_pgf", "gmp_unstructured", "rigl_erk", "spdf", "token_skip_ltd",
                        "token_skip_mod", "grad_mask", "layer_freezing", "structured_ffn_lowrank", "mor_expert"],
