@@ -78,7 +78,7 @@ def card_block(rows: list[dict], variants: list[str], tasks: dict) -> str:
     lines = []
     for variant in variants:
         for task_name, task in tasks.items():
-            part = sorted((r for r in rows if r["variant"] == variant and r["task"] == task_name),
+            part = sorted((r for r in rows if r["variant"] == variant and r["task"] == task_name and "refused" not in r),
                           key=lambda r: r["budget_fraction"])
             if not part:
                 continue
@@ -184,8 +184,14 @@ def run_task(name: str, task: dict, seeds: list[int], budgets: list[float], out:
         for fragment in fragments:
             variant = os.path.splitext(os.path.basename(fragment))[0]
             out_variant = os.path.join(where, variant)
-            result = sweep(base, [fragment], budget, seeds, task["metric"], out=out_variant, extra=QUIET,
-                           resume=True, dense=False)
+            try:
+                result = sweep(base, [fragment], budget, seeds, task["metric"], out=out_variant, extra=QUIET,
+                               resume=True, dense=False)
+            except (RuntimeError, SystemExit) as error:  # refused before training (e.g. a schedule longer than the run)
+                reason = str(error.__cause__ or error).split("; its command")[0]
+                rows.append({"task": name, "budget_fraction": fraction, "budget": budget, "variant": variant,
+                             "refused": reason})
+                continue
             effective = report([os.path.join(out_variant, "runs")], task["metric"], "effective", out_variant)
             values = finals(result, variant)
             if values:
@@ -212,6 +218,7 @@ def pareto(rows: list[dict], task: str, metric: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in rows if "refused" not in r]
     variants = sorted({r["variant"] for r in rows if r["task"] == task})
     for variant in variants:
         points = sorted((r["executed"], r["mean"], r["ci"]) for r in rows if r["task"] == task and r["variant"] == variant)
@@ -281,6 +288,9 @@ def markdown(rows: list[dict], tasks: dict, seeds: list[int], command: str) -> s
                       f"| variant | {task['metric']} | Δ vs dense ★ | verdict | executed FLOPs | effective FLOPs | "
                       "time vs dense |", "|---|---|---|---|---|---|---|"]
             for r in part:
+                if "refused" in r:
+                    lines.append(f"| {r['variant']} | refused before training: {r['refused']} | | | | | |")
+                    continue
                 ci = "" if math.isnan(r["ci"]) else f" ± {r['ci']:.4f}"
                 dci = "" if math.isnan(r["diff_ci"]) else f" ± {r['diff_ci']:.4f}"
                 eff = "—" if math.isnan(r["effective"]) else f"{r['effective']:.3g}"
@@ -329,7 +339,7 @@ def _write(rows: list[dict], task_rows: list[dict], name: str, task: dict, tasks
     with open(os.path.join(args.docs, "results", f"{name}_runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["budget_fraction", "variant", "seed_values", "executed", "effective"])
-        for r in task_rows:
+        for r in (r for r in task_rows if "refused" not in r):
             writer.writerow([r["budget_fraction"], r["variant"], " ".join(f"{v:.5f}" for v in r["values"]),
                              f"{r['executed']:.6g}", f"{r['effective']:.6g}"])
     with open(os.path.join(args.docs, "results.md"), "w") as f:
