@@ -78,8 +78,8 @@ def card_block(rows: list[dict], variants: list[str], tasks: dict) -> str:
     lines = []
     for variant in variants:
         for task_name, task in tasks.items():
-            part = sorted((r for r in rows if r["variant"] == variant and r["task"] == task_name and "refused" not in r),
-                          key=lambda r: r["budget_fraction"])
+            part = sorted((r for r in rows if r["variant"] == variant and r["task"] == task_name
+                           and "refused" not in r), key=lambda r: r["budget_fraction"])
             if not part:
                 continue
             said = "; ".join(f"{r['budget_fraction']:.0%} of the reference: **{r['verdict']}** "
