@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lit_eff.datamodules import DigitsDataModule, TextDataModule
+from lit_eff.datamodules import DigitsDataModule, SeqDigitsDataModule, TextDataModule
 from lit_eff.models import CausalLM, ImageClassifier
 
 TINY_VIT = {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
@@ -43,7 +43,14 @@ def text(**kwargs: Any) -> TextDataModule:
     return TextDataModule(block_size=32, batch_size=kwargs.pop("batch_size", 8), **kwargs)
 
 
+def seq_digits(**kwargs: Any) -> SeqDigitsDataModule:
+    """Seq-digits: 5 tasks of 2 classes, one epoch each (about 250 training samples per task)."""
+    return SeqDigitsDataModule(batch_size=kwargs.pop("batch_size", 32), epochs_per_task=kwargs.pop("epochs_per_task", 1),
+                               **kwargs)
+
+
 MODELS = {"vit": (tiny_vit, digits), "cnn": (tiny_cnn, digits), "gpt": (tiny_gpt, text),
+          "vit-seq": (tiny_vit, seq_digits),
           "gpt-mor": (tiny_mor, text), "gpt-mor-token": (lambda **kw: tiny_mor("token", **kw), text)}
 
 

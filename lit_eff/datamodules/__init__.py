@@ -2,6 +2,12 @@
 
 from lit_eff.datamodules.base import KitDataModule
 from lit_eff.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lit_eff.datamodules.continual import (
+    SeqCIFAR10DataModule,
+    SeqCIFAR100DataModule,
+    SeqDigitsDataModule,
+    SequentialTasks,
+)
 from lit_eff.datamodules.digits import DigitsDataModule
 from lit_eff.datamodules.image_folder import ImageFolderDataModule
 from lit_eff.datamodules.loader import ResumableLoader
@@ -15,6 +21,10 @@ __all__ = [
     "ImageFolderDataModule",
     "KitDataModule",
     "ResumableLoader",
+    "SeqCIFAR10DataModule",
+    "SeqCIFAR100DataModule",
+    "SeqDigitsDataModule",
+    "SequentialTasks",
     "SyntheticImageDataModule",
     "TextDataModule",
 ]

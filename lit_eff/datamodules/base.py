@@ -125,11 +125,14 @@ class KitDataModule(LightningDataModule):
         self._planned = {int(epoch): int(n) for epoch, n in counts.items()}
 
     def planned_steps(self, trainer: Any) -> int | None:
-        """The optimizer steps of a ``max_epochs`` run whose epochs shrink as planned (what
+        """The optimizer steps of a ``max_epochs`` run whose epochs shrink as planned or draw from
+        changing subsets (:meth:`epoch_train_samples`: continual-learning tasks) (what
         ``trainer.estimated_stepping_batches``, sized on the first epoch, would overstate); ``None``
         without a plan or when ``max_steps`` alone sets the run's length."""
-        if not self._planned or trainer.max_epochs is None or trainer.max_epochs < 0:
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or self.train_data is None:
             return None
+        if not self._planned and self.epoch_train_samples(0) is None:
+            return None  # every epoch draws from the whole split: Lightning's estimate is exact
         total, world, limit = 0, max(trainer.world_size, 1), trainer.limit_train_batches
         for epoch in range(max(trainer.max_epochs, 1)):
             chosen = self.epoch_train_samples(epoch)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
+from lit_eff.continual.tasks import task_split_of
 from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.sharding import shard_model
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
@@ -36,7 +37,9 @@ class ImageClassifier(LightningModule):
 
     ``pretrained`` is off by default (no downloads). Optimizer: AdamW with warm-up and cosine
     decay per step; LightningCLI's ``--optimizer``/``--lr_scheduler`` replace it. Logs
-    ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+    ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``; with a task-split datamodule
+    (continual learning, :mod:`lit_eff.datamodules.continual`) also ``val/acc_task<t>`` per task and
+    their mean ``val/acc_avg`` (likewise for ``test``).
 
     ``init_weights``: weights to start from (fine-tuning): a Lightning ``.ckpt`` of another run, a
     ``torch.save`` state dict (e.g. a timm model's) or a ``.safetensors`` file; key prefixes are
@@ -94,6 +97,9 @@ class ImageClassifier(LightningModule):
         # metric objects: summed over every process's samples (DDP) before they are read
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # per-class hits and counts, read per task when the datamodule splits classes into tasks
+        self.val_class_stats = MulticlassStatScores(num_classes, average=None)
+        self.test_class_stats = MulticlassStatScores(num_classes, average=None)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         if init_weights is not None:
@@ -116,6 +122,30 @@ class ImageClassifier(LightningModule):
         acc.update(logits, labels)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/acc", acc, prog_bar=True)
+        if task_split_of(self.trainer) is not None:
+            getattr(self, f"{stage}_class_stats").update(logits, labels)
+
+    def _log_tasks(self, stage: str) -> None:
+        """`<stage>/acc_task<t>` of every task with samples, and `<stage>/acc_avg` their mean
+        (the average accuracy of class-incremental learning), with a task-split datamodule."""
+        split, stats = task_split_of(self.trainer), getattr(self, f"{stage}_class_stats")
+        if split is None or not stats.update_called:
+            return
+        per_class = stats.compute()[:split.num_classes]  # [class, (tp, fp, tn, fn, support)], over processes
+        stats.reset()
+        hits = per_class[:, 0].reshape(split.num_tasks, -1).sum(1).float()
+        counts = per_class[:, 4].reshape(split.num_tasks, -1).sum(1).float()
+        seen = (counts > 0).nonzero().flatten().tolist()
+        for task in seen:
+            self.log(f"{stage}/acc_task{task}", hits[task] / counts[task], sync_dist=True)
+        if seen:
+            self.log(f"{stage}/acc_avg", (hits[seen] / counts[seen]).mean(), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_tasks("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_tasks("test")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

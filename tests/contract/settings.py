@@ -444,3 +444,40 @@ SETTINGS.update({
 from tests.contract.ift_settings import IFT  # noqa: E402
 
 SETTINGS.update(IFT)
+
+# --- continual learning: DER++ replay and SparCL's task-aware masking (lit_eff.continual) ------
+from lit_eff.callbacks import Replay, TaskAwareMasking  # noqa: E402
+
+
+def _check_replay(trainer: Trainer, technique: Replay) -> None:
+    # every training sample each process saw was offered to the buffer once
+    offered = trainer.global_step * trainer.accumulate_grad_batches * 32 * trainer.world_size
+    assert technique.buffer.num_seen == offered
+    assert len(technique.buffer) == min(offered, technique.buffer_size)
+    assert technique.split.task_of(trainer.current_epoch) >= 1  # the run reached replay
+
+
+def _check_tdm(trainer: Trainer, technique: TaskAwareMasking) -> None:
+    # the current epoch (a new task, its epoch 0) began with an update at bounds (0.6 -> 0.55) using the
+    # gradient of the previous epoch's last batch: each layer is at sparsity 0.55 up to one weight, and the
+    # dense weights are 0 where pruned
+    from lit_eff import sparsity
+
+    state = technique.state_dict()
+    assert trainer.current_epoch >= 1 and state["updated_epoch"] == trainer.current_epoch and state["grads"] == {}
+    for name, module in technique.targets.items():
+        mask = sparsity.get_mask(module)
+        zeros = int((~mask).sum())
+        assert abs(zeros - 0.55 * mask.numel()) <= 1, name
+        assert (module.parametrizations.weight.original[~mask] == 0).all(), name
+
+
+SETTINGS.update({
+    # Seq-digits (a task per epoch, 6 batches each): task 0 fills the 64-example buffer, task 1 replays it
+    "Replay": Setting(Replay, {"buffer_size": 64}, "vit-seq", check=_check_replay),
+    # one-shot 60% before training; updates at the start of epochs 0 and 1 (each a task's epoch 0)
+    "TaskAwareMasking": Setting(TaskAwareMasking, {"sparsity": 0.6, "lower": [0.6, 0.65, 0.6],
+                                                   "upper": [0.55, 0.6, 0.6], "boundaries": [1, 2],
+                                                   "update_every_epochs": 1}, "vit-seq",
+                                companions=lambda: [Replay(buffer_size=64)], check=_check_tdm),
+})

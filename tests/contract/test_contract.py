@@ -266,7 +266,8 @@ def test_yaml_round_trip_through_cli(sid, tmp_path):
     ]}}
     path = tmp_path / "technique.yaml"
     path.write_text(yaml.safe_dump(fragment))
-    base_name = {"vit": "vit_digits.yaml", "cnn": "cnn_digits.yaml"}.get(setting.model, "gpt_text.yaml")
+    base_name = {"vit": "vit_digits.yaml", "vit-seq": "vit_digits.yaml", "cnn": "cnn_digits.yaml"}.get(setting.model,
+                                                                                             "gpt_text.yaml")
     base = yaml.safe_load(open(os.path.join(CONFIGS, base_name)))
     # a base config that already holds this technique (FlopsMonitor) gets it from the fragment only
     base["trainer"]["callbacks"] = [c for c in base["trainer"]["callbacks"]
