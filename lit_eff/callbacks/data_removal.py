@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lit_eff import validation
 from lit_eff.callbacks.technique import Technique, log_step
+from lit_eff.continual import task_split_of
 from lit_eff.data import RemovalSchedule, SampleStats, removal_order
 from lit_eff.datamodules.base import KitDataModule
 from lit_eff.seeding import generator, run_seed
@@ -57,6 +58,8 @@ class DynamicDataRemoval(Technique):
         self._capturing = False
         self._logits: torch.Tensor | None = None
         self._kept: tuple[int, int] = (-1, 0)  # (epoch, samples it draws from)
+        self._plan: dict[int, int] = {}  # epoch -> samples removed before it
+        self._task_epochs: int | None = None  # epochs per task of a task-split datamodule
 
     # setup ------------------------------------------------------------------------------------
     @override
@@ -79,30 +82,45 @@ class DynamicDataRemoval(Technique):
                              f"training loader every epoch: expected trainer.reload_dataloaders_every_n_epochs 0 or "
                              f"1, got {reload}")
         trainer.reload_dataloaders_every_n_epochs = 1  # the epoch's length follows the samples kept
-        total, epochs = data.num_train_samples, self.schedule.epochs()
-        per = self.schedule.per_removal(total)
-        left = total - per * len(epochs)
-        if left < data.batch_size * trainer.world_size:
-            raise ValueError(f"Expected {self.name} to leave at least one batch per process: removing {per} samples at "
-                             f"each of epochs {epochs} leaves {left} of {total}, fewer than batch_size={data.batch_size} "
-                             f"x {trainer.world_size} processes. Lower `remove_fraction`")
-        data.plan_removals({epoch: per for epoch in epochs})  # sizes the run's schedules (planned_steps)
+        self._plan = {}
+        for what, first, size in self._sample_sets(trainer, data):
+            epochs = [e for e in self.schedule.epochs() if first is None or e < self._task_epochs]
+            per = self.schedule.per_removal(size)
+            left = size - per * len(epochs)
+            if left < data.batch_size * trainer.world_size:
+                raise ValueError(f"Expected {self.name} to leave at least one batch per process: removing {per} samples "
+                                 f"at each of epochs {epochs}{what} leaves {left} of {size}, fewer than "
+                                 f"batch_size={data.batch_size} x {trainer.world_size} processes. Lower `remove_fraction`")
+            self._plan.update({(first or 0) + e: per for e in epochs})
+        data.plan_removals(self._plan)  # sizes the run's schedules (planned_steps)
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._capture)
+
+    def _sample_sets(self, trainer: Trainer, data: KitDataModule) -> list[tuple[str, int | None, int]]:
+        """(what, first epoch, samples) of each set removals count in: the training split, or with a
+        task-split datamodule each task (its epochs counted from 0, as SparCL's schedule restarts per task)."""
+        tasks = task_split_of(trainer)
+        if tasks is None:
+            self._task_epochs = None
+            return [("", None, data.num_train_samples)]
+        self._task_epochs = tasks.epochs_per_task
+        firsts = [task * tasks.epochs_per_task for task in range(tasks.num_tasks)]
+        return [(f" of task {i}", first, len(data.epoch_train_samples(first))) for i, first in enumerate(firsts)]
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data: KitDataModule = trainer.datamodule
-        total, epochs = data.num_train_samples, self.schedule.epochs()
-        per = self.schedule.per_removal(total)
+        total, epochs = data.num_train_samples, sorted(self._plan)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
-        if per == 0:
+        if not any(self._plan.values()):
             rank_zero_warn(f"{self.name}: remove_fraction={self.remove_fraction} removes nothing: fewer than one of "
                            f"the {total} training samples per removal")
-        elif max_epochs is not None and max_epochs <= epochs[0]:
+        elif max_epochs is not None and epochs and max_epochs <= epochs[0]:
             rank_zero_warn(f"{self.name} removes samples from epoch {epochs[0]} on, but the run stops after "
                            f"max_epochs={max_epochs}: it will remove nothing")
         self._never_learned = max_epochs if max_epochs is not None else 2**31 - 1
+        if self._task_epochs is not None:  # statistics of one task span at most its epochs
+            self._never_learned = self._task_epochs
         if self.stats is None:
             self.stats = SampleStats(total)
         elif self.stats.num_samples != total:
@@ -152,7 +170,7 @@ class DynamicDataRemoval(Technique):
 
     # removal ------------------------------------------------------------------------------------
     def _remove(self, data: KitDataModule, epoch: int) -> None:
-        if not self.schedule.is_removal(epoch) or epoch in self.removed:
+        if epoch not in self._plan or epoch in self.removed:
             return
         current = data.train_samples(epoch - 1)
         in_set = torch.zeros(data.num_train_samples, dtype=torch.bool)
@@ -165,7 +183,7 @@ class DynamicDataRemoval(Technique):
         else:
             scores = self.stats.mean_loss().cpu()
         order = removal_order(scores, candidates, generator(run_seed(), "data-removal", epoch))
-        per = self.schedule.per_removal(data.num_train_samples)
+        per = self._plan[epoch]
         removed = order[:per].sort().values
         if len(removed) < per:
             rank_zero_warn(f"{self.name} removes {len(removed)} samples before epoch {epoch}, fewer than the {per} "

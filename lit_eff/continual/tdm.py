@@ -43,7 +43,7 @@ def prune_mask(weight: torch.Tensor, grad: torch.Tensor | None, grad_weight: flo
     ``sparsity`` percentile of the layer."""
     importance = weight.abs()
     if grad is not None and grad_weight:
-        importance = importance + grad_weight * grad.abs().to(importance.dtype)
+        importance = importance + grad_weight * grad.abs().to(importance.device, importance.dtype)
     return importance.double() > percentile(importance, sparsity * 100.0)
 
 

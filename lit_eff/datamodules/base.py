@@ -137,7 +137,9 @@ class KitDataModule(LightningDataModule):
         for epoch in range(max(trainer.max_epochs, 1)):
             chosen = self.epoch_train_samples(epoch)
             count = self.num_train_samples if chosen is None else len(chosen)
-            count -= sum(n for start, n in self._planned.items() if start <= epoch)
+            # removals planned before this epoch from the same subset (a continual task's; the whole split)
+            count -= sum(n for start, n in self._planned.items()
+                         if start <= epoch and self.epoch_train_samples(start) is chosen)
             batches = math.ceil(count / world) // self.batch_size  # the training loader drops the last batch
             batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
             total += math.ceil(batches / trainer.accumulate_grad_batches)

@@ -89,3 +89,21 @@ def test_bad_inputs():
         make_trainer(max_epochs=6).fit(tiny_vit(), datamodule=SeqDigitsDataModule(epochs_per_task=1))
     with pytest.raises(ValueError, match=r"Replay replays past tasks, so it needs a datamodule that splits classes"):
         fit([Replay()])
+
+
+def test_data_removal_restarts_with_every_task():
+    """On a task-split datamodule DynamicDataRemoval's schedule counts each task's epochs from 0 and
+    removes a share of the task's samples, among them only."""
+    from lit_eff.callbacks import DynamicDataRemoval
+
+    seeded(0)
+    data = SeqDigitsDataModule(batch_size=32, epochs_per_task=2)
+    removal = DynamicDataRemoval(remove_fraction=0.2, every_n_epochs=1, until_epoch=1)
+    trainer = make_trainer(max_epochs=4, limit_train_batches=None, callbacks=[removal])
+    trainer.fit(tiny_vit(), datamodule=data)
+    assert sorted(removal.removed) == [1, 3]  # epoch 1 of task 0, epoch 1 of task 1
+    for epoch, removed in removal.removed.items():
+        task_samples = data.epoch_train_samples(epoch)
+        assert len(removed) == int(0.2 * len(task_samples)) and set(removed.tolist()) <= set(task_samples.tolist())
+        assert len(data.train_samples(epoch)) == len(task_samples) - len(removed)
+    assert removal._never_learned == 2  # a never-learned sample counts the task's epochs

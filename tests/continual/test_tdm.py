@@ -54,7 +54,7 @@ def sparse_layer(shape=(48, 40), sparsity=0.75, seed=0):
 @pytest.mark.parametrize("q", [0.0, 12.5, 50.0, 74.9, 75.0, 76.0, 99.99, 100.0])
 def test_percentile_is_numpys(q):
     values = torch.randn(997, generator=torch.Generator().manual_seed(1)).abs()
-    assert float(percentile(values, q)) == pytest.approx(float(np.percentile(values.numpy(), q)), rel=1e-7, abs=0)
+    assert float(percentile(values, q)) == pytest.approx(float(np.percentile(values.numpy(), q)), rel=1e-6, abs=0)
 
 
 @pytest.mark.parametrize("with_grad", [True, False])

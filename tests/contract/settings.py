@@ -455,6 +455,11 @@ def _check_replay(trainer: Trainer, technique: Replay) -> None:
     assert technique.buffer.num_seen == offered
     assert len(technique.buffer) == min(offered, technique.buffer_size)
     assert technique.split.task_of(trainer.current_epoch) >= 1  # the run reached replay
+    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, FlopsMonitor)), None)
+    if monitor is not None:  # a replay step runs the network on the batch and on two buffer draws, all counted
+        batch = next(iter(trainer.datamodule.train_dataloader()))
+        plain = count_flops(lambda: trainer.lightning_module(batch[0])).total * trainer.accumulate_grad_batches
+        assert monitor.last_step_executed == pytest.approx(3 * plain, rel=1e-3)
 
 
 def _check_tdm(trainer: Trainer, technique: TaskAwareMasking) -> None:
