@@ -59,8 +59,10 @@ class Replay(Technique):
         validation.check_number("alpha", alpha, 0.0, None)
         validation.check_number("beta", beta, 0.0, None)
         if not isinstance(mask_other_tasks, bool):
-            raise ValueError(f"Expected `mask_other_tasks` to be true or false, got mask_other_tasks={mask_other_tasks!r}")
-        self.buffer_size, self.alpha, self.beta, self.mask_other_tasks = buffer_size, float(alpha), float(beta), mask_other_tasks
+            raise ValueError(f"Expected `mask_other_tasks` to be true or false, got "
+                             f"mask_other_tasks={mask_other_tasks!r}")
+        self.buffer_size, self.alpha, self.beta = buffer_size, float(alpha), float(beta)
+        self.mask_other_tasks = mask_other_tasks
         self.buffer = ReservoirBuffer(buffer_size)
         self.split: TaskSplit | None = None
         self._hook: Any = None

@@ -137,9 +137,9 @@ class KitDataModule(LightningDataModule):
         for epoch in range(max(trainer.max_epochs, 1)):
             chosen = self.epoch_train_samples(epoch)
             count = self.num_train_samples if chosen is None else len(chosen)
-            # removals planned before this epoch from the same subset (a continual task's; the whole split)
+            # removals planned before this epoch in the same subset (a continual task's; the whole split)
             count -= sum(n for start, n in self._planned.items()
-                         if start <= epoch and self.epoch_train_samples(start) is chosen)
+                         if start <= epoch and _same(self.epoch_train_samples(start), chosen))
             batches = math.ceil(count / world) // self.batch_size  # the training loader drops the last batch
             batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
             total += math.ceil(batches / trainer.accumulate_grad_batches)
@@ -184,3 +184,8 @@ class KitDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> ResumableLoader:
         return self._loader(self.test_data, train=False)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two epochs draw from the same training indices (``None``: the whole split)."""
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))

@@ -16,9 +16,9 @@ def batch(start: int, n: int = 8):
 def test_fills_in_order_then_replaces_by_the_reservoir_rule():
     buffer = ReservoirBuffer(12)
     buffer.add(*batch(0), torch.Generator().manual_seed(0))
+    assert len(buffer) == 8 and buffer.examples[:8, 0].tolist() == list(range(8))  # the first ones fill slots in order
     buffer.add(*batch(8), torch.Generator().manual_seed(1))
     assert buffer.num_seen == 16 and len(buffer) == 12
-    assert buffer.examples[:, 0].tolist() == list(range(12))  # the first 12 fill the slots in order
     # the rest: the n-th example (n = 12, 13, ...) draws j = randint(0, n) and takes slot j if j < 12
     gen, expected = torch.Generator().manual_seed(1), list(range(12))
     for n in range(12, 16):

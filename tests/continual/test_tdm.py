@@ -19,8 +19,10 @@ def official_prune(weight: np.ndarray, grad: np.ndarray | None, lmd: float, rati
     return above, weight * above
 
 
-def official_grow_count(pruned_weight: np.ndarray, upper: float) -> int:
+def official_grow_count(pruned_weight: np.ndarray, lower: float, upper: float) -> int:
     """How many zero entries the growth re-activates (before its random choice)."""
+    if upper == lower:  # "no grow, keep the mask"
+        return 0
     flat = pruned_weight.reshape(-1)
     zeros = np.where(flat == 0)[0]
     num = int(np.size(zeros) - upper * np.size(flat))
@@ -77,7 +79,7 @@ def test_prune_and_grow_matches_official(low, up):
     survivors = torch.from_numpy(pruned != 0)
     assert torch.equal(mask & survivors, survivors)  # every weight the pruning keeps stays
     grown = mask & ~survivors  # re-activated entries: zeros after pruning, at value 0
-    assert int(grown.sum()) == official_grow_count(pruned, up)
+    assert int(grown.sum()) == official_grow_count(pruned, low, up)
     assert (torch.from_numpy(pruned)[grown] == 0).all()
     if low != up:
         assert abs(int((~mask).sum()) - up * mask.numel()) < 1  # sparsity p_up, up to one entry

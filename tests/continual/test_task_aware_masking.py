@@ -1,0 +1,32 @@
+"""TaskAwareMasking in training: when the masks move, with what, and at which sparsity."""
+
+from __future__ import annotations
+
+from lit_eff import sparsity
+from lit_eff.callbacks import TaskAwareMasking
+from lit_eff.datamodules import SeqDigitsDataModule
+from tests.helpers import make_trainer, seeded, tiny_vit
+
+
+def test_updates_restart_with_every_task_and_use_the_last_batch_gradient(monkeypatch):
+    seeded(0)
+    technique = TaskAwareMasking(sparsity=0.5, lower=[0.5, 0.6], upper=[0.4, 0.5], boundaries=[2],
+                                 update_every_epochs=2)
+    calls = []
+    update = technique._update
+
+    def spy(trainer, epoch_in_task):
+        calls.append((trainer.current_epoch, epoch_in_task, sorted(technique._grads)))
+        update(trainer, epoch_in_task)
+        calls[-1] += tuple([int((~sparsity.get_mask(m)).sum()) / sparsity.get_mask(m).numel()
+                            for m in technique.targets.values()][:1])
+
+    monkeypatch.setattr(technique, "_update", spy)
+    trainer = make_trainer(max_epochs=6, limit_train_batches=2, callbacks=[technique])
+    trainer.fit(tiny_vit(), datamodule=SeqDigitsDataModule(batch_size=32, epochs_per_task=3))
+    # 3 epochs per task, an update every 2 epochs of a task: epochs 0 and 2 of each task
+    assert [(epoch, in_task) for epoch, in_task, *_ in calls] == [(0, 0), (2, 2), (3, 0), (5, 2)]
+    names = sorted(technique.targets)
+    assert calls[0][2] == [] and all(grads == names for _, _, grads, _ in calls[1:])  # no gradient before training
+    # task epochs 0-1 regrow to 40% sparsity, from task epoch 2 on to 50% (one boundary at 2)
+    assert [round(s, 2) for *_, s in calls] == [0.4, 0.5, 0.4, 0.5]
