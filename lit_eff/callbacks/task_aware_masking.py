@@ -116,9 +116,16 @@ class TaskAwareMasking(MaskingTechnique):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._epoch_start(trainer)  # Lightning skips on_train_epoch_start for an epoch it resumes into
+
+    def _epoch_start(self, trainer: Trainer) -> None:
         epoch = trainer.current_epoch
         if self._updated_epoch == epoch:
-            return  # resumed within this epoch: its update is in the checkpoint
+            return  # done, or resumed within this epoch: its update is in the checkpoint
         _, in_task = task_position(trainer)
         if self.is_update(in_task):
             self._update(trainer, in_task)

@@ -463,13 +463,13 @@ def _check_replay(trainer: Trainer, technique: Replay) -> None:
 
 
 def _check_tdm(trainer: Trainer, technique: TaskAwareMasking) -> None:
-    # the current epoch (a new task, its epoch 0) began with an update at bounds (0.6 -> 0.55) using the
+    # the last epoch (a new task, its epoch 0) began with an update at bounds (0.6 -> 0.55) using the
     # gradient of the previous epoch's last batch: each layer is at sparsity 0.55 up to one weight, and the
     # dense weights are 0 where pruned
     from lit_eff import sparsity
 
     state = technique.state_dict()
-    assert trainer.current_epoch >= 1 and state["updated_epoch"] == trainer.current_epoch and state["grads"] == {}
+    assert state["updated_epoch"] >= 1 and state["grads"] == {}
     for name, module in technique.targets.items():
         mask = sparsity.get_mask(module)
         zeros = int((~mask).sum())
