@@ -5,7 +5,7 @@ Printed per run: the final test accuracy on all 10 classes, the average of the p
 accuracies, and the training FLOPs FlopsMonitor counted (executed, and sparse-effective: the
 masked layers' FLOPs weighted by their density).
 
-    python benchmarks/continual.py [--seeds 0 1] [--epochs-per-task 10]
+    python benchmarks/continual.py [--seeds 0 1] [--epochs-per-task 20]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(configs: list[str], seed: int, epochs_per_task: int, folder: str) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs-per-task", type=int, default=10)
+    parser.add_argument("--epochs-per-task", type=int, default=20)
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="lit_eff_continual_")
     for seed in args.seeds:
