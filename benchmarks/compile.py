@@ -55,6 +55,8 @@ def time_fit(make, steps: int, warmup: int, backend: str | None) -> float:
     trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       limit_val_batches=0, callbacks=[*make(), timer])
+    if backend:
+        torch._dynamo.reset()  # each fit compiles afresh: guards on earlier fits' objects would fill the cache
     trainer.fit(torch.compile(model, backend=backend) if backend else model, datamodule=data)
     return (timer.end - timer.start) / timer.steps
 
