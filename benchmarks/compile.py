@@ -33,7 +33,7 @@ VARIANTS = {
     "GradientMasking 0.2": lambda: [GradientMasking(density=0.2, refresh_every=30)],
     "LayerFreezing 0.5": lambda: [LayerFreezing(final_fraction=0.5, freeze_start=0.0, freeze_end=0.0)],
     "TokenDrop 0.5 at block 1": lambda: [TokenDrop(blocks=[1], keep_ratios=[0.5], score="cosine")],
-    "TokenMerge r=4": lambda: [TokenMerge(r=4, apply_in="both")],
+    "TokenMerge r=2": lambda: [TokenMerge(r=2, apply_in="both")],
 }
 
 
