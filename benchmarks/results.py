@@ -43,7 +43,7 @@ FRAGMENTS = "configs/techniques"
 TASKS = {
     "vit_digits": {
         "base": "configs/vit_digits.yaml", "metric": "val/acc", "higher": True,
-        "reference": ["--trainer.max_epochs", "20"], "budgets": [0.25, 0.5, 1.0], "lrs": [1e-3, 2e-3, 4e-3],
+        "reference": ["--trainer.max_epochs", "20"], "budgets": [0.25, 0.5, 1.0], "lrs": [1e-3, 2e-3, 4e-3, 8e-3],
         "lr_arg": "--model.init_args.lr",
         "techniques": ["nm_2of4_srste", "nm_1of8_pgf", "gmp_unstructured", "rigl_erk", "spdf", "token_drop",
                        "token_merge", "token_skip_ltd", "grad_mask", "layer_freezing", "structured_ffn_lowrank",
@@ -54,7 +54,7 @@ TASKS = {
     "gpt_text": {
         "base": "configs/gpt_text.yaml", "metric": "val/bpb", "higher": False,
         "reference": ["--trainer.max_steps", "100", "--trainer.val_check_interval", "100000"],
-        "budgets": [0.25, 0.5],
+        "budgets": [0.25, 0.5, 1.0],
         "lrs": [1.5e-3, 3e-3, 6e-3], "lr_arg": "--model.init_args.lr",
         "techniques": ["nm_2of4_srste", "nm_1of8_pgf", "gmp_unstructured", "rigl_erk", "spdf", "token_skip_ltd",
                        "token_skip_mod", "grad_mask", "layer_freezing", "structured_ffn_lowrank", "mor_expert"],

@@ -102,7 +102,24 @@ def now() -> float:
     return clock()
 
 
-def alternate(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, float]:
+class Timings(dict):
+    """Median seconds per step of each variant; ``paired(a, b)``: the median over rounds of a's
+    step time over b's in the same round (robust to the machine's drift between rounds)."""
+
+    def __init__(self, median: dict[str, float], rounds: dict[str, list[float]], steps: dict[str, list[float]]) -> None:
+        super().__init__(median)
+        self.rounds, self.steps = rounds, steps
+
+    def paired(self, a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
+
+    def fastest(self, name: str) -> float:
+        """The 10th percentile of the variant's step times: interference from other work on the
+        machine only adds time, so the fast steps show the variant's own cost."""
+        return statistics.quantiles(self.steps[name], n=10)[0]
+
+
+def alternate(variants: dict[str, Callable[[], list[float]]], rounds: int) -> Timings:
     """Run each variant once per round (the order rotates each round); the median step time over
     all rounds' steps, per variant. Also prints each round's median, so noise shows."""
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -120,8 +137,9 @@ def alternate(variants: dict[str, Callable[[], list[float]]], rounds: int) -> di
     median = {name: statistics.median(values) for name, values in times.items()}
     for name, seconds in median.items():
         per_round = " ".join(f"{t * 1e3:.1f}" for t in rounds_median[name])
-        print(f"  {name:44s} {seconds * 1e3:8.2f} ms/step (median; rounds: {per_round})")
-    return median
+        print(f"  {name:44s} {seconds * 1e3:8.2f} ms/step (median; rounds: {per_round}); "
+              f"10th percentile {statistics.quantiles(times[name], n=10)[0] * 1e3:.2f}")
+    return Timings(median, rounds_median, times)
 
 
 def ratio(line: str, value: float, goal: str) -> None:

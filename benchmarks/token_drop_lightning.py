@@ -57,12 +57,12 @@ def main() -> None:
             lambda model: [TokenDrop(BLOCKS, KEEP, score="attn"), FlopsMonitor()], args.steps),
     }
     t = alternate(variants, args.rounds)
-    plain_speedup = t["plain dense"] / t["plain TokenDrop"]
+    plain_speedup = t.paired("plain dense", "plain TokenDrop")
     for name in ("Lightning TokenDrop", "Lightning TokenDrop + FlopsMonitor"):
-        speedup = t["Lightning dense"] / t[name]
-        print(f"  speedup: plain loop x{plain_speedup:.3f}, {name} x{speedup:.3f}")
+        speedup = t.paired("Lightning dense", name)
+        print(f"  speedup (median over rounds): plain loop x{plain_speedup:.3f}, {name} x{speedup:.3f}")
         ratio(f"{name} speedup / plain-loop speedup", speedup / plain_speedup, ">= 0.95")
-    ratio("Lightning dense / plain dense", t["Lightning dense"] / t["plain dense"], "")
+    ratio("Lightning dense / plain dense", t.paired("Lightning dense", "plain dense"), "")
 
 
 if __name__ == "__main__":

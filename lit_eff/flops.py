@@ -149,7 +149,9 @@ _TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 def _meta_like(value: Any, grad: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        meta = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        # FLOPs do not depend on the float dtype; one dtype for all replays autocast's mixed calls
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        meta = torch.empty(value.shape, dtype=dtype, device="meta")
         if grad and value.requires_grad and (value.is_floating_point() or value.is_complex()):
             meta.requires_grad_(True)
         return meta

@@ -5,7 +5,7 @@ import pytest
 from lightning.pytorch import Callback
 
 from lit_eff.callbacks import FlopsBudget, FlopsMonitor, LayerFreezing, NMSparsity, TokenDrop
-from lit_eff.schedules import Linear
+from lit_eff.schedules import Linear, Schedule
 from tests.helpers import digits, make_trainer, seeded, tiny_vit
 
 BUDGET = 3e9  # about 50 dense steps of the tiny ViT on digits: more than one epoch
@@ -61,6 +61,19 @@ def test_token_schedule_in_absolute_steps_is_followed():
     trainer, budget, spent, steps = budget_run([drop])
     assert abs(spent - BUDGET) <= 0.01 * BUDGET and trainer.global_step == budget.planned_steps
     assert steps[-1] < steps[0]
+
+
+def test_a_schedule_that_leaves_its_range_in_the_planned_run_is_refused():
+    """The configured 20 steps keep `keep_ratios` in (0, 1]; the budget plans a longer run, where
+    the ramp reaches 0: refused before training, naming the step and the planned length."""
+    class Stop(Schedule):  # a user's schedule: keeps half the tokens, none from step 30 on
+        def __call__(self, step):
+            return 0.5 if step < 30 else 0.0
+
+    drop = TokenDrop(keep_ratios=[Stop()], blocks=[0])
+    with pytest.raises(ValueError, match=r"TokenDrop: Expected `keep_ratios` in \(0, 1\] at every step of the "
+                                         r"run \(0\.\.\d+\), got .* = 0 at step 30"):
+        budget_run([drop], max_steps=20)
 
 
 def test_effective_budget_follows_the_sparsity_schedule():

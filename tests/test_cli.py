@@ -64,6 +64,8 @@ def test_bad_flops_arguments_fail_before_training():
         FlopsBudget(budget=0)
     with pytest.raises(ValueError, match=r"Expected `kind` in \('executed', 'effective'\), got kind='dense'"):
         FlopsBudget(budget=1.0, kind="dense")
+    with pytest.raises(ValueError, match=r"Expected `plan` to be true .* or false .*, got plan='no'"):
+        FlopsBudget(budget=1.0, plan="no")
     with pytest.raises(ValueError, match=r"Expected `peak_flops` > 0 \(FLOP/s of one device\), got peak_flops=-1"):
         FlopsMonitor(peak_flops=-1)
 

@@ -63,6 +63,21 @@ def test_count_flops_on_meta_device_costs_nothing_and_matches():
     assert meta.backward > meta.forward > 0
 
 
+def test_tracker_counts_mixed_dtype_calls_under_cpu_autocast():
+    """Under bf16 autocast a matmul may take a float32 and a bfloat16 operand (autocast casts
+    them when it dispatches); counting must not fail on the mixed dtypes."""
+    a = torch.randn(3, 4, 8, requires_grad=True)
+    b = torch.randn(3, 8, 5, dtype=torch.bfloat16, requires_grad=True)
+    reference = flop_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16), reference:
+        torch.bmm(a, b).float().sum().backward()
+    tracker = FlopTracker()
+    with torch.autocast("cpu", dtype=torch.bfloat16), tracker:
+        out = torch.bmm(a, b)
+    assert out.dtype == torch.bfloat16
+    assert tracker.executed == reference.get_total_flops() == 3 * 2 * 4 * 8 * 5 * 3
+
+
 def test_density_scales_effective_flops_of_that_module_only():
     layer, other = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
     x = torch.randn(5, 8)

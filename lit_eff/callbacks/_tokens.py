@@ -96,6 +96,7 @@ class TokenCallback(Technique):
         self._lengths: set[int] = set()  # input token counts of this run (for flops_key)
         self._last_tokens: int | None = None
         self._plan_steps: dict[Hashable, int] = {}
+        self._scheduled: list[tuple[str, Any]] = []  # (argument, value) checked over the run
 
     # attaching --------------------------------------------------------------------------------
     def attached_to(self, pl_module: LightningModule) -> bool:
@@ -118,10 +119,15 @@ class TokenCallback(Technique):
 
     def check_schedules(self, trainer: Trainer, stage: str, values: list[tuple[str, Any]]) -> None:
         """Refuse a Schedule that leaves (0, 1] at some step of the run, before training."""
-        for name, value in values:
-            if stage == "fit" and isinstance(value, Schedule):
+        self._scheduled = values if stage == "fit" else []
+        for name, value in self._scheduled:
+            if isinstance(value, Schedule):
                 validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
                                                    who=self.name)
+
+    @override
+    def replan(self, trainer: Trainer) -> None:
+        self.check_schedules(trainer, "fit", self._scheduled)  # over the planned run
 
     def claim(self, trainer: Trainer, blocks: list[int]) -> None:
         """Refuse blocks another token callback of ``trainer`` already claimed."""

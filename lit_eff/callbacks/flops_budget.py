@@ -47,7 +47,10 @@ class FlopsBudget(Callback):
             raise ValueError(f"Expected `kind` in ('executed', 'effective'), got kind={kind!r}")
         self.budget = float(budget)
         self.kind = kind
-        self.plan = bool(plan)
+        if not isinstance(plan, bool):
+            raise ValueError(f"Expected `plan` to be true (set the run's length from the budget) or false (stop "
+                             f"at the budget), got plan={plan!r}")
+        self.plan = plan
         self.planned_steps: int | None = None
         self.planned_flops: float | None = None
         self.monitor: FlopsMonitor | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,21 @@ from lit_eff.flops import FlopTracker, density_version, get_density, signature
 #: A ``flops_key`` value meaning "this step's FLOPs depend on the data": the step is counted by
 #: tracing every time (eagerly, even under ``torch.compile``).
 DYNAMIC = object()
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A ``flops_key`` for a step that runs several independent parts (the subnets a supernet
+    step trains): ``keys`` name them and ``count(key, batch)`` gives one part's executed FLOPs
+    (forward + backward) on ``batch``, without running it. The step is traced once per
+    signature of the rest; later steps cost the rest's count plus their parts' counts, so a
+    new combination of parts needs no tracing. Parts must run no masked modules."""
+
+    keys: tuple[Hashable, ...]
+    count: Callable[[Hashable, Any], float] = field(compare=False, hash=False)
+
+    def total(self, batch: Any) -> float:
+        return float(sum(self.count(key, batch) for key in self.keys))
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
@@ -48,7 +63,7 @@ class StepCount:
     """The FLOPs of one training micro-batch: executed, forward part, and the executed FLOPs
     inside each module whose weights a technique masks (to weight them by its density)."""
 
-    executed: int
+    executed: float
     forward: int
     inside: list[tuple[weakref.ref, int]] = field(default_factory=list)
     _effective: tuple[int, float] = (-1, 0.0)  # (density version, effective FLOPs)
@@ -81,7 +96,9 @@ class FlopsMonitor(Callback):
     and the ``flops_key`` of every callback (and of the LightningModule) that defines one;
     techniques that change shapes (dropped tokens, frozen blocks, sampled subnets) define it.
     A technique whose FLOPs depend on the data returns :data:`DYNAMIC`, and its steps are all
-    counted by tracing. Under DDP the counts of all ranks are summed. Logs, per optimizer step:
+    counted by tracing; a step made of independent parts drawn anew each step (a supernet's
+    subnets) returns :class:`Parts`. Under DDP the counts of all ranks are summed. Logs, per
+    optimizer step:
 
     - ``flops/step``, ``flops/total``: executed FLOPs (what the hardware ran);
     - ``flops/effective_step``, ``flops/effective_total``: sparse-effective FLOPs (a module whose
@@ -134,6 +151,7 @@ class FlopsMonitor(Callback):
         self._peak: float | None = None
         self._tracing = False  # a batch is being counted by tracing
         self._counting: Hashable | None = None  # its signature (None: not to be cached)
+        self._parts: float | None = None  # FLOPs of its Parts, if its flops_key has them
         self._stance: Any = None
         self._logged_step = -1
 
@@ -180,13 +198,18 @@ class FlopsMonitor(Callback):
             if not (first.is_floating_point() or first.is_complex()) and first.dim() >= 2:
                 self._step_tokens += first.numel()
         key = self.step_key(trainer, pl_module, batch)
+        parts = key[4] if isinstance(key[4], Parts) else None
+        if parts is not None:  # the rest of the step is keyed without its parts
+            key = (*key[:4], Parts)
         dynamic = any(part is DYNAMIC for part in key[3]) or key[4] is DYNAMIC
         count = None if dynamic else self._cache.get(key)
         if count is not None:
-            self._micro.append((float(count.executed), count.effective()))
+            extra = parts.total(batch) if parts is not None else 0.0
+            self._micro.append((float(count.executed) + extra, count.effective() + extra))
             return
         # count this batch by tracing it, eagerly (compiled code would hide its calls)
         self._counting = None if dynamic else key
+        self._parts = None if parts is None else parts.total(batch)
         self._stance = torch.compiler.set_stance("force_eager")
         self.tracker.reset()
         self.tracker.__enter__()
@@ -207,6 +230,8 @@ class FlopsMonitor(Callback):
         self.counted_batches += 1
         self._micro.append((float(count.executed), float(tracker.effective)))
         if self._counting is not None:
+            if self._parts is not None:  # keep the rest: later steps add their own parts
+                count.executed -= self._parts
             self._cache[self._counting] = count
         self._counting = None
 

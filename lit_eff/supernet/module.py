@@ -34,6 +34,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_eff.callbacks.flops_monitor import Parts
 from lit_eff.callbacks.technique import logs_this_step
 from lit_eff.models.naming import compile_agnostic_state_dict
 from lit_eff.models.optim import adamw_warmup_cosine, check_optim_args
@@ -176,10 +177,14 @@ class SupernetModule(LightningModule):
         self._reorganized_at: int | None = None
 
     def flops_key(self) -> Hashable:
-        """The subnets the next training step runs (for FlopsMonitor, read before the step)."""
+        """The subnets the next training step runs (for FlopsMonitor, read before the step), as
+        parts it counts from the meta-device twin: a new draw of subnets is never traced."""
         if getattr(self.sampler, "space", None) is None:  # not bound: no training step coming
             return None
-        return tuple(draw.config for draw in self.sampler.sample(self.global_step))
+        return Parts(tuple(draw.config for draw in self.sampler.sample(self.global_step)), self._training_flops)
+
+    def _training_flops(self, cfg: SubnetConfig, batch: Any) -> int:
+        return self.flops.training(cfg, batch[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.sampler.reorganize_step()

@@ -38,7 +38,7 @@ class RankRecorder(Callback):
         self.folder, self.subnets = folder, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.subnets.append([str(cfg) for cfg in pl_module.flops_key()])
+        self.subnets.append([str(cfg) for cfg in pl_module.flops_key().keys])
 
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = full_state(pl_module)  # a collective under FSDP2: every rank takes part
