@@ -86,6 +86,11 @@ class Replay(Technique):
             raise ValueError(f"{self.name} replays past tasks, so it needs a datamodule that splits classes into tasks "
                              f"(e.g. lit_eff.datamodules.SeqDigitsDataModule, with a `task_split`), got "
                              f"{type(data).__name__ if data is not None else 'dataloaders passed to fit()'}")
+        smoothing = getattr(pl_module, "hparams", {}).get("label_smoothing", 0.0)
+        if self.mask_other_tasks and smoothing:
+            raise ValueError(f"{self.name} gives the classes of other tasks a logit of -inf in the current batch's loss, "
+                             f"where label smoothing would put probability on them (an infinite loss): set the "
+                             f"model's label_smoothing to 0 (got {smoothing}) or mask_other_tasks=false")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

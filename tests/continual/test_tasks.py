@@ -107,3 +107,9 @@ def test_data_removal_restarts_with_every_task():
         assert len(removed) == int(0.2 * len(task_samples)) and set(removed.tolist()) <= set(task_samples.tolist())
         assert len(data.train_samples(epoch)) == len(task_samples) - len(removed)
     assert removal._never_learned == 2  # a never-learned sample counts the task's epochs
+
+
+def test_replay_refuses_label_smoothing_with_the_class_mask():
+    data = SeqDigitsDataModule(epochs_per_task=1)
+    with pytest.raises(ValueError, match=r"label smoothing would put probability on them.*got 0.1\)"):
+        make_trainer(max_epochs=1, callbacks=[Replay()]).fit(tiny_vit(label_smoothing=0.1), datamodule=data)
