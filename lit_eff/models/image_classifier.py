@@ -123,7 +123,11 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/acc", acc, prog_bar=True)
         if task_split_of(self.trainer) is not None:
-            getattr(self, f"{stage}_class_stats").update(logits, labels)
+            self._update_class_stats(stage, logits, labels)
+
+    @torch.compiler.disable  # eager under torch.compile (a graph break): torchmetrics' update does not trace
+    def _update_class_stats(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        getattr(self, f"{stage}_class_stats").update(logits, labels)
 
     def _log_tasks(self, stage: str) -> None:
         """`<stage>/acc_task<t>` of every task with samples, and `<stage>/acc_avg` their mean
