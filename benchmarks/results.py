@@ -172,12 +172,11 @@ def run_task(name: str, task: dict, seeds: list[int], budgets: list[float], out:
             grid = sweep(base, [], budget, seeds, task["metric"], out=os.path.join(where, f"dense_lr{lr:g}"),
                          extra=[task["lr_arg"], str(lr), *QUIET], resume=True)
             dense[lr] = finals(grid, "dense")
-        base_lr = yaml.safe_load(open(base))["model"]["init_args"]["lr"]
         pick = max if task["higher"] else min
         best_lr = pick(dense, key=lambda lr: statistics.mean(v for v, _, _ in dense[lr]))
         baseline = [v for v, _, _ in dense[best_lr]]
-        base_runs = next((dense[lr] for lr in dense if math.isclose(lr, base_lr)), dense[best_lr])
-        dense_time = statistics.mean(w for _, _, w in base_runs)
+        # every dense run at this budget does the same work: their median time is the reference
+        dense_time = statistics.median(w for runs in dense.values() for _, _, w in runs)
         for lr, values in sorted(dense.items()):
             rows.append({**_row(name, fraction, budget, f"dense (lr {lr:g})" + (" ★" if lr == best_lr else ""), values,
                                 baseline, task["higher"], dense_time, [f for _, f, _ in values]), "lr": lr})
@@ -208,7 +207,7 @@ def _row(task, fraction, budget, variant, values, baseline, higher, dense_time, 
             "verdict": "baseline" if variant.endswith("★") else verdict(diff, half, higher),
             "executed": statistics.mean(f for _, f, _ in values),
             "effective": statistics.mean(effective) if effective else math.nan,
-            "time_ratio": statistics.mean(w for _, _, w in values) / dense_time, "values": metric}
+            "time_ratio": statistics.median(w for _, _, w in values) / dense_time, "values": metric}
 
 
 def pareto(rows: list[dict], task: str, metric: str, path: str) -> None:
@@ -235,6 +234,23 @@ def pareto(rows: list[dict], task: str, metric: str, path: str) -> None:
     plt.close(fig)
 
 
+def summary(rows: list[dict], tasks: dict) -> list[str]:
+    """Which variants win, tie and lose against the tuned dense baseline, per task and budget."""
+    lines = ["## Summary", "",
+             "Verdicts against the tuned dense baseline (dense rows left out). A tie means the 95% interval of the "
+             "difference contains zero: on these short schedules most intervals are wide.", "",
+             "| task | budget | win | tie | loss | refused |", "|---|---|---|---|---|---|"]
+    for task_name in tasks:
+        for fraction in sorted({r["budget_fraction"] for r in rows if r["task"] == task_name}):
+            part = [r for r in rows if r["task"] == task_name and r["budget_fraction"] == fraction
+                    and not r["variant"].startswith("dense")]
+            cells = [", ".join(r["variant"] for r in part if r.get("verdict") == v) or "—"
+                     for v in ("win", "tie", "loss")]
+            cells.append(", ".join(r["variant"] for r in part if "refused" in r) or "—")
+            lines.append(f"| {task_name} | {fraction:.0%} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(rows: list[dict], tasks: dict, seeds: list[int], command: str) -> str:
     lines = [
         "# Results: techniques vs dense at equal training FLOPs", "",
@@ -255,7 +271,8 @@ def markdown(rows: list[dict], tasks: dict, seeds: list[int], command: str) -> s
         "(for bits per byte, lower is better).",
         "- **FLOPs.** Executed FLOPs are what the hardware ran (the budget counts them); effective FLOPs count "
         "masked weights at their density (sparsity techniques save these, not executed ones).",
-        "- **Time.** The run's wall-clock time over the dense base-lr run's at the same budget (same machine, runs "
+        "- **Time.** The median wall-clock time of the variant's runs over the median of all dense runs at the same "
+        "budget (same machine, runs "
         "one after another: a measured ratio, noisy when the machine is busy).",
         "- **Scale.** The reference schedules are short (a few hundred optimizer steps on two CPU cores), and the "
         "fragments keep the settings they were tuned with for the full base configs, including settings in absolute "
@@ -273,6 +290,7 @@ def markdown(rows: list[dict], tasks: dict, seeds: list[int], command: str) -> s
         "lit-eff report results/mine/runs --metric val/acc --flops effective --out results/mine",
         "```", "",
     ]
+    lines += summary(rows, tasks)
     for task_name, task in tasks.items():
         task_rows = [r for r in rows if r["task"] == task_name]
         if not task_rows:
