@@ -50,6 +50,8 @@ TASKS = {
                        "sparse_ift_wide"],
         "stacks": {"nm_2of4_srste+token_drop": ["nm_2of4_srste", "token_drop"],
                    "layer_freezing+token_drop": ["layer_freezing", "token_drop"]},
+        # the weight-shared supernet whose largest subnet is the base model; its smallest subnet's metric
+        "supernet": {"base": "configs/supernet_vit_digits.yaml", "smallest": "val/acc_min", "extra": []},
     },
     "gpt_text": {
         "base": "configs/gpt_text.yaml", "metric": "val/bpb", "higher": False,
@@ -60,6 +62,8 @@ TASKS = {
                        "token_skip_mod", "grad_mask", "layer_freezing", "structured_ffn_lowrank", "mor_expert"],
         "stacks": {"nm_2of4_srste+token_skip_mod": ["nm_2of4_srste", "token_skip_mod"],
                    "layer_freezing+token_skip_ltd": ["layer_freezing", "token_skip_ltd"]},
+        "supernet": {"base": "configs/supernet_gpt_text.yaml", "smallest": "val/bpb_min",
+                     "extra": ["--trainer.val_check_interval", "100000"]},
     },
 }
 
@@ -196,7 +200,36 @@ def run_task(name: str, task: dict, seeds: list[int], budgets: list[float], out:
             if values:
                 rows.append(_row(name, fraction, budget, variant, values, baseline, task["higher"], dense_time,
                                  [run.total_flops for run in effective.runs]))
+        if "supernet" in task and (not only or "supernet" in only):
+            rows += supernet_rows(name, task, fraction, budget, seeds, where, baseline, dense_time)
         yield rows
+
+
+def supernet_rows(name: str, task: dict, fraction: float, budget: float, seeds: list[int], where: str,
+                  baseline: list[float], dense_time: float) -> list[dict]:
+    """The supernet's largest and smallest subnet after training the supernet on ``budget``.
+
+    A supernet step's FLOPs depend on the subnets it draws, so FlopsBudget cannot plan it: its
+    length is set from the mean step cost of a 10-step calibration run, so that its learning-rate
+    schedule ends near the budget, and FlopsBudget (``plan: false``) stops it at the budget."""
+    spec = task["supernet"]
+    base = os.path.join(ROOT, spec["base"])
+    quiet = [*spec["extra"], *QUIET]
+    calibration = sweep(base, [], 1e30, [seeds[0]], task["metric"], out=os.path.join(where, "..", "supernet_steps"),
+                        extra=["--trainer.max_steps", "10", *quiet], plan_runs=False, resume=True)
+    per_step = calibration.runs[0].total_flops / 10
+    steps = math.ceil(budget / per_step)
+    out = os.path.join(where, "supernet")
+    result = sweep(base, [], budget, seeds, task["metric"], out=out, plan_runs=False, resume=True,
+                   extra=["--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", *quiet])
+    smallest = report([os.path.join(out, "runs")], spec["smallest"], "executed", out)
+    rows = []
+    for label, got in (("supernet largest", result), ("supernet smallest", smallest)):
+        values = finals(got, "dense")  # the sweep's only variant: the base config alone
+        if values:
+            rows.append(_row(name, fraction, budget, label, values, baseline, task["higher"], dense_time,
+                             [f for _, f, _ in values]))
+    return rows
 
 
 def _row(task, fraction, budget, variant, values, baseline, higher, dense_time, effective) -> dict:
@@ -312,7 +345,7 @@ def markdown(rows: list[dict], tasks: dict, seeds: list[int], command: str) -> s
                 ci = "" if math.isnan(r["ci"]) else f" ± {r['ci']:.4f}"
                 dci = "" if math.isnan(r["diff_ci"]) else f" ± {r['diff_ci']:.4f}"
                 eff = "—" if math.isnan(r["effective"]) else f"{r['effective']:.3g}"
-                anchor = r["variant"].split(" ")[0] + (f"-lr{r['lr']:g}" if "lr" in r else "")
+                anchor = r["variant"].split(" ")[0] + f"-lr{r['lr']:g}" if "lr" in r else r["variant"].replace(" ", "_")
                 lines.append(f"| <a id=\"{task_name}-{anchor}-{fraction:g}\"></a>{r['variant']} | {r['mean']:.4f}{ci} "
                              f"| {r['diff']:+.4f}{dci} | {r['verdict']} | {r['executed']:.3g} | {eff} | "
                              f"{r['time_ratio']:.2f}x |")

@@ -297,6 +297,7 @@ class SupernetModule(LightningModule):
         self.log(f"{stage}/{metric}_min", points[0][1])
         if not self.vision:
             self.log(f"{stage}/bpb", points[-1][1] / math.log(2))
+            self.log(f"{stage}/bpb_min", points[0][1] / math.log(2))
         experiment = getattr(self.logger, "experiment", None)
         if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
             fig = line_figure(points, "MFLOPs per sample (forward)", f"{stage} {metric}")

@@ -1,6 +1,7 @@
 """SupernetModule through the shared contract (fit, resume == uninterrupted with sampler state and
 banks, DDP with identical subnets on both ranks, accumulation, bf16, YAML), plus search and export."""
 
+import math
 import os
 
 import pytest
@@ -67,6 +68,11 @@ def test_short_fit(arch, variant):
     logged = [k for k in metrics if k.startswith(f"supernet/val_{name}@")]
     assert len(logged) == len(module.val_configs) == 3
     assert f"supernet/val_{name}@{module.subnet_flops(module.space.min()) / 1e6:.3g}" in logged
+    smallest = metrics[f"supernet/val_{name}@{module.subnet_flops(module.space.min()) / 1e6:.3g}"]
+    assert metrics[f"val/{name}_min"] == pytest.approx(float(smallest))
+    if arch == "gpt":  # bits per byte of the largest and the smallest subnet
+        assert metrics["val/bpb_min"] == pytest.approx(float(smallest) / math.log(2))
+        assert metrics["val/bpb"] == pytest.approx(float(metrics["val/loss"]) / math.log(2))
     accumulate = variant.get("accumulate_grad_batches", 1)
     assert len(recorder.steps) == 8 * accumulate
     assert recorder.steps[0] == recorder.steps[accumulate - 1]  # one subnet set per optimizer step
