@@ -272,6 +272,13 @@ def summary(rows: list[dict], tasks: dict) -> list[str]:
     lines = ["## Summary", "",
              "Verdicts against the tuned dense baseline (dense rows left out). A tie means the 95% interval of the "
              "difference contains zero: on these short schedules most intervals are wide.", "",
+             "How to read it: the budget counts executed FLOPs, what the hardware ran. Weight sparsity (N:M, "
+             "magnitude pruning, RigL, SPDF's sparse phase) runs dense kernels here, so at equal executed FLOPs it "
+             "trains as many steps as dense with fewer effective weights: it can only tie or lose, and pays off where "
+             "sparse kernels turn its effective FLOPs (the column next to it) into executed savings. Techniques that "
+             "remove work from the step (token dropping and skipping, layer freezing, structured layers) turn the "
+             "savings into more steps at the same budget; whether that beats the tuned dense model is what the rows "
+             "test. A tuned dense baseline is hard to beat on short runs.", "",
              "| task | budget | win | tie | loss | refused |", "|---|---|---|---|---|---|"]
     for task_name in tasks:
         for fraction in sorted({r["budget_fraction"] for r in rows if r["task"] == task_name}):
