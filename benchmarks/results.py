@@ -215,7 +215,8 @@ def supernet_rows(name: str, task: dict, fraction: float, budget: float, seeds: 
     spec = task["supernet"]
     base = os.path.join(ROOT, spec["base"])
     quiet = [*spec["extra"], *QUIET]
-    calibration = sweep(base, [], 1e30, [seeds[0]], task["metric"], out=os.path.join(os.path.dirname(where), "supernet_steps"),
+    calibration = sweep(base, [], 1e30, [seeds[0]], task["metric"],
+                        out=os.path.join(os.path.dirname(where), "supernet_steps"),
                         extra=["--trainer.max_steps", "10", *quiet], plan_runs=False, resume=True)
     per_step = calibration.runs[0].total_flops / 10
     steps = math.ceil(budget / per_step)
