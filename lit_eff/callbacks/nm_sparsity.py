@@ -157,7 +157,7 @@ class NMSparsity(MaskingTechnique):
             if any(p._density != 1.0 for p in self.group.params):
                 self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
         elif step % self.update_every == 0 or self._frame_changed(n, m, start):
-            self.group.set_masks(self.group.nm_masks(n, m), density=n / m)
+            self.group.set_nm_masks(n, m)
         self.group.set_beta(beta)
         self._current = (beta, n, m, schedule.density(step))
 

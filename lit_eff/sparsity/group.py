@@ -22,9 +22,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from lit_eff.kernels.nm_cpu import nm_keep_
 from lit_eff.sparsity.masks import nm_masks
 from lit_eff.sparsity.parametrize import Mask, _report, get_parametrization, set_beta
 from lit_eff.sparsity.sharded import full, is_sharded, local, local_part
+from lit_eff.validation import check_nm
 
 
 def _foreach(op, tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
@@ -39,6 +41,11 @@ def _foreach(op, tensors: list[torch.Tensor], others: list[torch.Tensor]) -> Non
         op(ts, os_)
 
 
+def _times_mask_(tensors: list[torch.Tensor], kept_minus_one: list[torch.Tensor]) -> None:
+    """``x ⊙= E`` as ``x += x ⊙ (E − 1)``: exact (x − x = 0), one fused op."""
+    torch._foreach_addcmul_(tensors, tensors, kept_minus_one)
+
+
 class MaskGroup:
     """Several masked layers (``{name: module}``, each with a lit_eff mask on ``weight``)."""
 
@@ -51,6 +58,7 @@ class MaskGroup:
             raise ValueError(f"Expected every layer of a MaskGroup to carry a lit_eff mask, got none on {missing}")
         self.params: list[Mask] = params  # type: ignore[assignment]
         self.version = 0  # changes whenever set_masks writes masks
+        self._seen_finite: tuple[list[int], list[bool | None]] = ([], [])  # weight versions, flags
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -62,14 +70,32 @@ class MaskGroup:
         """The whole dense weights (gathered under FSDP2: every rank must call it); read only."""
         return [full(w) for w in self.weights]
 
-    def _local_values(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each mask as numbers, the part matching ``like`` (a shard under FSDP2)."""
-        return [local_part(p.mask_values, t) for p, t in zip(self.params, like)]
+    def _local_kept_minus_one(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each mask's ``E − 1``, the part matching ``like`` (a shard under FSDP2)."""
+        return [local_part(p.kept_minus_one, t) for p, t in zip(self.params, like)]
 
     # masks -------------------------------------------------------------------------------------
     def nm_masks(self, n: int, m: int) -> list[torch.Tensor]:
         """The N:M masks of the current dense weights, ranked in one batch."""
         return nm_masks(self.full_weights(), n, m, names=self.names)
+
+    @torch.no_grad()
+    def set_nm_masks(self, n: int, m: int) -> None:
+        """Set every mask to the N:M mask of its current dense weight: ``set_masks(nm_masks(n, m))``,
+        with plain float32 CPU weights going through :func:`lit_eff.kernels.nm_cpu.nm_keep_`
+        (one pass writing the buffers) and the rest through :func:`~lit_eff.sparsity.nm_masks`."""
+        check_nm(n, m)
+        weights = [w.detach() for w in self.weights]
+        nonfinite = [nm_keep_(w, n, m, p.mask, p.kept_minus_one) for w, p in zip(weights, self.params)]
+        rest = [i for i, count in enumerate(nonfinite) if count is None]
+        if rest:
+            masks = nm_masks([full(weights[i]) for i in rest], n, m, names=[self.names[i] for i in rest])
+            for i, mask in zip(rest, masks):
+                self.params[i].mask.copy_(mask)
+                self.params[i].set_values()
+        self._masks_changed([n / m] * len(self.params))
+        # what the kernel saw: finite() needs no pass of its own while these weights are unchanged
+        self._seen_finite = ([w._version for w in weights], [None if c is None else c == 0 for c in nonfinite])
 
     @torch.no_grad()
     def set_masks(self, masks: list[torch.Tensor], density: float | list[float | None] | None = None) -> None:
@@ -85,11 +111,13 @@ class MaskGroup:
                 raise ValueError(f"Expected a bool mask of shape {tuple(p.mask.shape)} for layer `{name}`, "
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
         torch._foreach_copy_([p.mask for p in self.params], masks)
-        torch._foreach_copy_([p.mask_values for p in self.params], masks)
-        for p in self.params:
-            torch.sub(p.mask_values, 1, out=p.kept_minus_one)
+        kept_minus_one = [p.kept_minus_one for p in self.params]
+        torch._foreach_copy_(kept_minus_one, masks)
+        torch._foreach_sub_(kept_minus_one, 1)
+        self._masks_changed(density if isinstance(density, list) else [density] * len(self.params))
+
+    def _masks_changed(self, densities: list[float | None]) -> None:
         self.version += 1
-        densities = density if isinstance(density, list) else [density] * len(self.params)
         for module, p, d in zip(self.modules, self.params, densities):
             new = float(p.mask.count_nonzero()) / p.mask.numel() if d is None else float(d)
             if new != p._density:
@@ -105,22 +133,22 @@ class MaskGroup:
 
     @torch.no_grad()
     def dense_values(self, enabled: bool) -> None:
-        """While enabled, forward multiplies by ones instead of the masks, so the weights' gradients
-        are dense (RigL's growth criterion) at no recompilation. Only valid while the dense weights
-        are zero at pruned positions: the forward value is then the same."""
+        """While enabled, forward masks with all ones, so the weights' gradients are dense (RigL's
+        growth criterion) at no recompilation. Only valid while the dense weights are zero at
+        pruned positions: the forward value is then the same."""
         for p in self.params:
             if enabled:
-                p.mask_values.fill_(1)
+                p.kept_minus_one.zero_()
             else:
-                p.mask_values.copy_(p.mask)
+                p.set_values()
 
     # per-step enforcement ------------------------------------------------------------------------
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Multiply each dense weight's gradient by its mask."""
-        pairs = [(local(w.grad), local_part(p.mask_values, w.grad))
+        pairs = [(local(w.grad), local_part(p.kept_minus_one, w.grad))
                  for w, p in zip(self.weights, self.params) if w.grad is not None]
-        _foreach(torch._foreach_mul_, [g for g, _ in pairs], [v for _, v in pairs])
+        _foreach(_times_mask_, [g for g, _ in pairs], [v for _, v in pairs])
 
     @torch.no_grad()
     def add_pruned_weights_to_grad(self, scale: float) -> None:
@@ -138,7 +166,7 @@ class MaskGroup:
         """Zero the dense weights at pruned positions, and every optimizer-state tensor of a
         weight's shape (momentum, Adam moments) for the optimizers given."""
         weights = self.weights
-        values = self._local_values(weights)
+        values = self._local_kept_minus_one(weights)
         tensors = [local(w) for w in weights]
         by_id = {id(w): (w, v) for w, v in zip(weights, values)}
         for optimizer in optimizers:
@@ -151,7 +179,7 @@ class MaskGroup:
                             and is_sharded(item) == is_sharded(found[0]):
                         tensors.append(local(item))
                         values.append(found[1])
-        _foreach(torch._foreach_mul_, tensors, values)
+        _foreach(_times_mask_, tensors, values)
 
     @torch.no_grad()
     def finite(self) -> torch.Tensor:
@@ -159,10 +187,14 @@ class MaskGroup:
         per (dtype, device), no device sync (read it later). The 2-norm is NaN or inf when an entry
         is; it also overflows for |w| > ~1e19, so confirm a flagged layer with :meth:`all_finite`."""
         shards = [local(w.detach()) for w in self.weights]
+        versions, seen = self._seen_finite
+        if versions != [t._version for t in shards]:  # weights changed since the N:M kernel read them
+            seen = [None] * len(shards)
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(shards):
-            groups.setdefault((t.dtype, t.device), []).append(i)
-        out = torch.empty(len(shards), dtype=torch.bool, device=shards[0].device if shards else "cpu")
+            if seen[i] is None:
+                groups.setdefault((t.dtype, t.device), []).append(i)
+        out = torch.tensor([bool(flag) for flag in seen], device=shards[0].device if shards else "cpu")
         for (dtype, _), members in groups.items():
             wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None  # no fp16 overflow
             norms = torch._foreach_norm([shards[i] for i in members], 2, dtype=wide)

@@ -84,11 +84,9 @@ class Mask(nn.Module):
         super().__init__()
         self.register_buffer("mask", mask)
         self.register_buffer("beta", torch.tensor(float(beta), device=mask.device))
-        # the mask as numbers, for fused multiplies (kept in the weight's dtype by set_mask)
-        self.register_buffer("mask_values", mask.float(), persistent=False)
-        # E − 1 (0 kept, −1 pruned): the straight-through forward W + stop_grad(W)(E − 1) and the
-        # SR-STE term read it, one fused multiply-add each
-        self.register_buffer("kept_minus_one", self.mask_values - 1, persistent=False)
+        # E − 1 (0 kept, −1 pruned) in the weight's dtype: masking is one fused multiply-add,
+        # x + x(E − 1) = x ⊙ E (forward, gradients, optimizer state), and so is the SR-STE term
+        self.register_buffer("kept_minus_one", mask.float() - 1, persistent=False)
         self.ste = ste
         self._beta = float(beta)  # host copies: reporting a density or choosing a mode needs no sync
         self._density = _mask_density(mask)
@@ -104,17 +102,16 @@ class Mask(nn.Module):
         if self.mode == "identity":  # an all-ones mask
             return weight
         if is_sharded(weight):  # `module.weight` read outside FSDP2's forward: mask this rank's shard
-            out = self._masked(weight.to_local(), local_part(self.mask_values, weight), local_part(self.mask, weight),
-                               local_part(self.kept_minus_one, weight))
+            out = self._masked(weight.to_local(), local_part(self.mask, weight), local_part(self.kept_minus_one, weight))
             return DTensor.from_local(out, weight.device_mesh, weight.placements, shape=weight.shape,
                                       stride=weight.stride())
-        return self._masked(weight, self.mask_values, self.mask, self.kept_minus_one)
+        return self._masked(weight, self.mask, self.kept_minus_one)
 
-    def _masked(self, weight: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                kept_minus_one: torch.Tensor) -> torch.Tensor:
+    def _masked(self, weight: torch.Tensor, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> torch.Tensor:
         binary = self.mode == "binary"
-        if not self.ste:
-            return weight * values if binary else torch.where(mask, weight, weight * self.beta)
+        if not self.ste:  # W + W(E − 1) = W ⊙ E, and so is the gradient
+            return torch.addcmul(weight, weight, kept_minus_one) if binary else \
+                torch.where(mask, weight, weight * self.beta)
         dense = weight.detach()
         if binary:  # W + stop_grad(W)(E − 1): exactly W ⊙ E (w − w = 0), gradient straight to W
             return torch.addcmul(weight, dense, kept_minus_one)
@@ -122,9 +119,8 @@ class Mask(nn.Module):
 
     @torch.no_grad()
     def set_values(self) -> None:
-        """Refresh the numeric copies of the mask (``mask_values``, ``kept_minus_one``)."""
-        self.mask_values.copy_(self.mask)
-        torch.sub(self.mask_values, 1, out=self.kept_minus_one)
+        """Refresh the numeric copy of the mask (``kept_minus_one``)."""
+        self.kept_minus_one.copy_(self.mask).sub_(1)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # `module.weight = value` sets the dense weight
@@ -229,7 +225,6 @@ def attach_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | No
     _check_beta(beta)
     mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device) if mask is None else _as_mask(mask, weight)
     param = Mask(mask.clone(), beta, ste)
-    param.mask_values = param.mask_values.to(weight.dtype)
     param.kept_minus_one = param.kept_minus_one.to(weight.dtype)
     param._order = list(module._parameters)  # export puts the weight back in its place
     parametrize.register_parametrization(module, name, param, unsafe=True)

@@ -74,7 +74,7 @@ def test_dense_values_let_gradients_through_without_changing_the_forward_value()
         out.sum().backward()
     assert all((w.grad[~p.mask] != 0).any() for w, p in zip(group.weights, group.params))  # dense gradients
     group.dense_values(False)
-    assert all(torch.equal(p.mask_values, p.mask.to(p.mask_values.dtype)) for p in group.params)
+    assert all(torch.equal(p.kept_minus_one, p.mask.to(p.kept_minus_one.dtype) - 1) for p in group.params)
 
 
 def test_finite_flags_name_the_layers_holding_nan_or_inf():

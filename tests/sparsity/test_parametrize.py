@@ -109,15 +109,13 @@ def test_mask_travels_with_to_and_state_dict_keys():
     attach_mask(layer, mask=nm_mask(layer.weight, 2, 4), beta=0.5)
     assert sorted(layer.state_dict()) == ["bias", "parametrizations.weight.0.beta", "parametrizations.weight.0.mask",
                                           "parametrizations.weight.original"]
-    # mask_values and kept_minus_one (the mask as numbers, for fused multiplies) move and cast
-    # with the module but stay out of the checkpoint
+    # kept_minus_one (the mask as numbers, for fused multiplies) moves and casts with the module
+    # but stays out of the checkpoint
     assert sorted(name for name, _ in layer.named_buffers()) == ["parametrizations.weight.0.beta",
                                                                  "parametrizations.weight.0.kept_minus_one",
-                                                                 "parametrizations.weight.0.mask",
-                                                                 "parametrizations.weight.0.mask_values"]
+                                                                 "parametrizations.weight.0.mask"]
     layer.to(torch.float64)
     assert layer.weight.dtype == torch.float64 and get_mask(layer).dtype == torch.bool
-    assert get_parametrization(layer).mask_values.dtype == torch.float64
     assert get_parametrization(layer).kept_minus_one.dtype == torch.float64
     assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
 

@@ -1,0 +1,122 @@
+"""N:M masks on CPU by a small C kernel: one pass over a weight writes its mask buffers.
+
+Recomputing N:M masks after every optimizer step is most of what N:M training adds to a CPU
+step. In torch ops it takes a dozen passes over the weights plus copies into the mask buffers;
+:func:`nm_keep_` reads each weight once and writes the mask and its ``mask − 1`` floats (the
+buffers of :class:`lit_eff.sparsity.Mask`) in the same pass. Same rule as
+:func:`lit_eff.sparsity.nm_mask`: the ``n`` largest ``|w|`` of every ``m`` consecutive input
+weights, ties to the lower index, NaN lowest.
+
+The kernel (``nm_cpu.c``) is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``) on first use and cached in ``$LIT_EFF_CACHE`` (default ``~/.cache/lit_eff``),
+keyed by source, compiler and CPU. Without a compiler a warning says so and the torch ops are
+used; ``LIT_EFF_NATIVE=0`` turns the kernel off. It serves float32 Linear-shaped weights on
+CPU; other weights (CUDA, half precision, convolutions, FSDP2 shards) use the torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["native_available", "nm_keep_"]
+
+_SOURCE = Path(__file__).with_name("nm_cpu.c")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+
+
+def _cpu() -> str:
+    try:  # the instruction sets `-march=native` builds for, so a shared cache never mixes machines
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    cache = Path(os.environ.get("LIT_EFF_CACHE") or Path.home() / ".cache" / "lit_eff")
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), _cpu().encode()])).hexdigest()[:16]
+    target = cache / f"nm_cpu_{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:  # build aside, then rename: ranks may race
+        built = Path(scratch) / target.name
+        errors = ""
+        for flags in (["-O3", "-march=native"], ["-O3"]):
+            result = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(built, target)
+                return target
+            errors = result.stderr.strip()
+    raise OSError(f"`{compiler}` failed: {errors[-500:]}")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LIT_EFF_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise OSError("no C compiler found (set CC)")
+        library = ctypes.CDLL(str(_build(compiler)))
+    except OSError as error:
+        warnings.warn(f"lit_eff could not build its CPU N:M mask kernel, so N:M masks are computed with torch "
+                      f"ops (slower steps): {error}. Set LIT_EFF_NATIVE=0 to silence this.", stacklevel=3)
+        return None
+    library.nm_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                ctypes.c_void_p, ctypes.c_void_p]
+    library.nm_keep.restype = ctypes.c_int64
+    return library
+
+
+def native_available() -> bool:
+    """Whether the kernel is built and on (builds it on first call)."""
+    return _library() is not None
+
+
+def _fits(weight: torch.Tensor, m: int, out: tuple[torch.Tensor, ...]) -> bool:
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and all(type(t) is torch.Tensor for t in out)
+    return (plain and weight.ndim == 2 and m <= 64 and weight.shape[1] % m == 0
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and all(t.device.type == "cpu" and t.shape == weight.shape and t.is_contiguous() for t in out)
+            and [t.dtype for t in out] == [torch.bool, torch.float32])
+
+
+@torch.no_grad()
+def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> int | None:
+    """Write the N:M mask of ``weight`` into ``mask`` (bool) and ``kept_minus_one`` (0 kept,
+    −1 pruned), both contiguous and of ``weight``'s shape; return how many entries of ``weight``
+    are NaN or infinite (read in the same pass).
+
+    Returns ``None``, writing nothing, where the kernel does not serve these tensors (see the
+    module docstring); the caller then uses :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m``
+    is the caller's to check.
+
+    >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
+    >>> mask, minus = torch.empty(1, 4, dtype=torch.bool), torch.empty(1, 4)
+    >>> nm_keep_(w, 2, 4, mask, minus)  # None where no C compiler was found
+    0
+    >>> mask, minus
+    (tensor([[False,  True,  True, False]]), tensor([[-1.,  0.,  0., -1.]]))
+    """
+    library = _library()
+    if library is None or not _fits(weight, m, (mask, kept_minus_one)):
+        return None
+    return library.nm_keep(weight.data_ptr(), weight.numel() // m, n, m, mask.data_ptr(), kept_minus_one.data_ptr())

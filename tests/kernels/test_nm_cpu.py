@@ -1,0 +1,141 @@
+"""The C kernel for N:M masks on CPU (lit_eff.kernels.nm_cpu), against a re-derivation of the
+N:M rule (stable sort of magnitudes per group), and its fallback to torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lit_eff.kernels import nm_cpu
+from lit_eff.sparsity import MaskGroup, attach_mask, nm_masks
+
+
+def rederived(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest |w| per group of m along the last dimension, ties to the lower index
+    (a stable descending sort), NaN below every magnitude."""
+    magnitude = weight.abs().reshape(-1, m)
+    magnitude = torch.where(magnitude.isnan(), -1.0, magnitude)
+    order = magnitude.sort(dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, order, True).reshape(weight.shape)
+
+
+def awkward(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random weights, many exact ties (coarse values of both signs), zeros, NaN and infinities."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-3, 4, (rows, cols), generator=gen).float() / 2
+    w[::3] = torch.randn(w[::3].shape, generator=gen)
+    w[1, :8] = torch.tensor([float("nan"), 1.0, -float("inf"), 0.0, float("nan"), float("nan"), 2.0, -0.0])
+    w[2, :8] = torch.tensor([float("inf"), float("inf"), float("inf"), 1.0, -0.0, 0.0, -0.0, 0.0])
+    return w
+
+
+def buffers(shape):
+    return torch.zeros(shape, dtype=torch.bool), torch.full(shape, 7.0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_library():
+    nm_cpu._library.cache_clear()
+    yield
+    nm_cpu._library.cache_clear()
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_kernel_equals_the_rederived_rule(m):
+    assert nm_cpu.native_available()
+    w = awkward(70, 64)  # 70 rows x 64 / 4 groups: blocks of 16 groups and a remainder for m = 4
+    for n in range(1, m):
+        mask, minus = buffers(w.shape)
+        assert nm_cpu.nm_keep_(w, n, m, mask, minus) == int((~w.isfinite()).sum()) == 7
+        expected = rederived(w, n, m)
+        assert torch.equal(mask, expected), (n, m)
+        assert torch.equal(minus, expected.float() - 1)
+        assert (mask.reshape(-1, m).sum(1) == n).all()
+
+
+@pytest.mark.parametrize("case", ["float64", "transposed", "conv", "m does not divide", "float64 buffer"])
+def test_kernel_declines_what_it_does_not_serve(case):
+    w = torch.randn(8, 16)
+    out = buffers(w.shape)
+    if case == "float64":
+        w = w.double()
+    elif case == "transposed":
+        w = torch.randn(16, 8).t()
+    elif case == "conv":
+        w, out = torch.randn(8, 16, 3, 3), buffers((8, 16, 3, 3))
+    elif case == "m does not divide":
+        w, out = torch.randn(8, 18), buffers((8, 18))
+    else:
+        out = (out[0], out[1].double())
+    before = [t.clone() for t in out]
+    assert nm_cpu.nm_keep_(w, 2, 4, *out) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, out))  # nothing written
+
+
+def test_group_masks_match_nm_masks_on_both_paths():
+    model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(8, 8, 3), nn.Linear(8, 8).double())
+    layers = {name: module for name, module in model.named_children()}
+    for module in layers.values():
+        attach_mask(module)
+        with torch.no_grad():
+            module.parametrizations.weight.original.copy_(torch.randn(module.weight.shape).round(decimals=1))  # ties
+    group = MaskGroup(layers)
+    version = group.version
+    group.set_nm_masks(2, 4)  # the Linear through the kernel, the conv and the float64 layer through torch ops
+    expected = nm_masks([module.parametrizations.weight.original for module in layers.values()], 2, 4)
+    for p, e in zip(group.params, expected):
+        assert torch.equal(p.mask, e)
+        assert torch.equal(p.kept_minus_one, e.to(p.kept_minus_one.dtype) - 1)
+        assert p._density == 0.5 and p.mode == "binary"
+    assert group.version == version + 1
+    x = torch.randn(1, 16)
+    assert torch.equal(layers["0"](x), x @ (layers["0"].parametrizations.weight.original * expected[0]).t()
+                       + layers["0"].bias)
+
+
+def test_finite_flags_come_from_the_kernel_while_the_weights_are_unchanged(monkeypatch):
+    layers = {"a": nn.Linear(8, 4), "b": nn.Linear(8, 4)}
+    for layer in layers.values():
+        attach_mask(layer)
+    group = MaskGroup(layers)
+    with torch.no_grad():
+        group.weights[1][0, 0] = float("nan")
+    group.set_nm_masks(2, 4)
+    norms = []
+    monkeypatch.setattr(torch, "_foreach_norm", lambda tensors, *a, **k: norms.append(len(tensors)) or
+                        [t.norm() for t in tensors])
+    assert group.finite().tolist() == [True, False] and norms == []  # read by the kernel: no pass of its own
+    with torch.no_grad():
+        group.weights[0][0, 0] = float("inf")  # a change after the masks: measured again
+    assert group.finite().tolist() == [False, False] and norms == [2]
+
+
+def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LIT_EFF_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="could not build its CPU N:M mask kernel.*LIT_EFF_NATIVE=0"):
+        assert not nm_cpu.native_available()
+    w = torch.randn(4, 8)
+    assert nm_cpu.nm_keep_(w, 2, 4, *buffers(w.shape)) is None
+    layer = nn.Linear(8, 4)
+    attach_mask(layer)
+    group = MaskGroup({"fc": layer})
+    group.set_nm_masks(2, 4)
+    assert torch.equal(group.params[0].mask, rederived(layer.parametrizations.weight.original.detach(), 2, 4))
+
+
+def test_switched_off_quietly(monkeypatch, recwarn):
+    monkeypatch.setenv("LIT_EFF_NATIVE", "0")
+    assert not nm_cpu.native_available()
+    assert not [w for w in recwarn if "kernel" in str(w.message)]
+
+
+def test_builds_into_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIT_EFF_CACHE", str(tmp_path))
+    assert nm_cpu.native_available()
+    built = list(tmp_path.glob("nm_cpu_*.so"))
+    assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # the scratch folder is gone
+    stamp = built[0].stat().st_mtime_ns
+    nm_cpu._library.cache_clear()
+    assert nm_cpu.native_available() and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
