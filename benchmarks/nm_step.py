@@ -8,11 +8,18 @@ exact N:M mask of the current weights (``update_every=1``, the default, is exact
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/nm_step.py [--steps 30] [--rounds 5] [--clock wall|cpu]
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/nm_step.py --profile
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/nm_step.py --parts [--steps 40]
+
+``--parts`` times what N:M adds to a step piece by piece, in a plain loop on the same ViT, the
+pieces alternating step by step (so slow spells of the machine hit every piece alike): the mask
+refresh with the C kernel and with torch ops, the SR-STE term, the NaN check, and forward +
+backward with masks against dense; then the whole step against dense.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 from lightning.pytorch import Callback
@@ -20,6 +27,7 @@ from timm_steps import ViTModule, alternate, arguments, fit, ratio
 
 from lit_eff import sparsity
 from lit_eff.callbacks import NMSparsity
+from lit_eff.kernels.nm_cpu import native_available
 
 VARIANTS = {
     "dense": lambda model: [],
@@ -70,9 +78,67 @@ def profile(steps: int) -> None:
         fit(lambda model, name=name: [*VARIANTS[name](model), Prof()], steps + 10)
 
 
+def parts(steps: int) -> None:
+    from timm_steps import BATCH, vit
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dense, masked = vit(), vit()
+    masked.load_state_dict(dense.state_dict())
+    layers = {n: m for n, m in masked.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n}
+    for layer in layers.values():
+        sparsity.attach_mask(layer)
+    group = sparsity.MaskGroup(layers)
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    optimizers = {dense: torch.optim.AdamW(dense.parameters()), masked: torch.optim.AdamW(masked.parameters())}
+
+    def forward_backward(model):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def step(model):
+        forward_backward(model)
+        if model is masked:
+            group.add_pruned_weights_to_grad(2e-4)
+        optimizers[model].step()
+        optimizers[model].zero_grad()
+        if model is masked:
+            group.set_nm_masks(2, 4)
+            group.finite()
+
+    pieces = {
+        "step, dense": lambda: step(dense),
+        "step, N:M 2:4 SR-STE": lambda: step(masked),
+        "forward+backward, dense": lambda: (forward_backward(dense), optimizers[dense].zero_grad()),
+        "forward+backward, masked": lambda: forward_backward(masked),
+        "SR-STE term": lambda: (group.add_pruned_weights_to_grad(2e-4), optimizers[masked].zero_grad()),
+        "mask refresh, C kernel": lambda: group.set_nm_masks(2, 4),
+        "mask refresh, torch ops": lambda: group.set_masks(group.nm_masks(2, 4), density=0.5),
+        "NaN check": group.finite,
+    }
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for i in range(steps + 3):
+        for name, piece in pieces.items():
+            start = time.perf_counter()
+            piece()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    print(f"{sum(p.numel() for p in group.weights) / 1e6:.2f} M masked weights in {len(layers)} layers, "
+          f"C kernel: {native_available()}; ms, median (10th percentile) over {steps} alternations")
+    for name, got in times.items():
+        print(f"  {name:28s} {statistics.median(got) * 1e3:8.2f} ({statistics.quantiles(got, n=10)[0] * 1e3:.2f})")
+    median = {name: statistics.median(got) for name, got in times.items()}
+    print(f"  step N:M / dense: x{median['step, N:M 2:4 SR-STE'] / median['step, dense']:.3f}; "
+          f"pieces N:M adds: {(median['SR-STE term'] + median['mask refresh, C kernel'] + median['NaN check']) * 1e3:.2f} ms "
+          f"+ forward/backward difference {(median['forward+backward, masked'] - median['forward+backward, dense']) * 1e3:.2f} ms")
+
+
 def main() -> None:
     import sys
 
+    if "--parts" in sys.argv:
+        sys.argv.remove("--parts")
+        parts(arguments(__doc__.split("\n")[0], steps=40).steps)
+        return
     if "--profile" in sys.argv:
         sys.argv.remove("--profile")
         args = arguments(__doc__.split("\n")[0], steps=20)
