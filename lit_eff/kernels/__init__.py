@@ -1,8 +1,10 @@
-"""Triton kernels, each with a torch reference and a dispatcher (Triton on CUDA, the reference
-elsewhere). Importing this package never imports triton; a kernel builds on first use.
+"""Kernels, each with a torch reference it is tested against; each builds on first use.
+Importing this package imports neither triton nor a compiler.
 
 - :mod:`~lit_eff.kernels.nm_sparsify`: the N:M mask and ``W ⊙ (E + β(1−E))`` in one pass, with
-  the STE + SR-STE backward.
+  the STE + SR-STE backward (Triton on CUDA, the reference elsewhere).
+- :mod:`~lit_eff.kernels.nm_cpu`: N:M masks on CPU in one pass over each weight (C, compiled
+  with the system compiler), what :class:`lit_eff.callbacks.NMSparsity` uses on CPU.
 """
 
 from lit_eff.kernels.nm_sparsify import nm_sparsify, nm_sparsify_reference, triton_available
