@@ -15,20 +15,15 @@ from lit_eff.tokens.merge import VARIANTS, TokenMerger, check_merge_fits, merge_
 
 class TokenMerge(TokenCallback):
     """Merges ``r`` tokens in each chosen block by bipartite soft matching, as the official ToMe
-    code does (:mod:`lit_eff.tokens.merge`; docs/techniques/token_merge.md).
-
-    Between attention and MLP, the ``r`` most similar tokens of one alternating half are averaged
-    into their partners in the other, weighted by size (patches per token); prefix tokens never
-    merge. ``prop_attn`` adds ``log(size)`` to the attention logits; average pooling becomes
-    size-weighted. ``apply_in="eval"`` (default) is training-free: train dense, evaluate merged.
+    code does; ``apply_in="eval"`` (default) is training-free: train dense, evaluate merged
+    (:mod:`lit_eff.tokens.merge`; docs/techniques/token_merge.md).
 
     Args:
         r: tokens merged per chosen block (an integer), or one integer per block of the model.
         blocks: the blocks that merge ``r`` tokens (``None``: all); ignored when ``r`` is a list.
         prop_attn: proportional attention (``+log(size)`` on the attention logits).
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
-        variant: ``"official"`` (ToMe's own split and order) or ``"ordered"`` (prefix tokens set
-            aside, unmerged tokens kept in their original order).
+        variant: ``"official"`` (ToMe's split and order) or ``"ordered"`` (unmerged tokens keep their order).
 
     Example (merge 4 tokens in every block, at evaluation only)::
 
@@ -54,13 +49,12 @@ class TokenMerge(TokenCallback):
             validation.check_int("r", r, minimum=0)
         elif not isinstance(r, (list, tuple)) or not r or not all(validation.is_int(v) and v >= 0 for v in r):
             raise ValueError(f"Expected `r` to be an integer >= 0 or a list of them (one per block), got r={r!r}")
-        check_blocks("blocks", blocks)
+        self.blocks = check_blocks("blocks", blocks)
         validation.check_choice("apply_in", apply_in, MODES)
         validation.check_choice("variant", variant, VARIANTS)
         if not isinstance(prop_attn, bool):
             raise ValueError(f"Expected `prop_attn` to be true or false, got prop_attn={prop_attn!r}")
         self.r = r if validation.is_int(r) else list(r)
-        self.blocks = None if blocks is None else list(blocks)
         self.prop_attn = prop_attn
         self.apply_in = apply_in
         self.variant = variant
@@ -104,10 +98,6 @@ class TokenMerge(TokenCallback):
         fraction = self.kept_fraction(False)
         if fraction is not None:
             pl_module.log("tokens/eval_kept_fraction", fraction, batch_size=1)
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.detach()
 
     @property
     @override
