@@ -85,12 +85,9 @@ class TokenCallback(Technique):
     # attaching --------------------------------------------------------------------------------
     def attached_to(self, pl_module: LightningModule) -> bool:
         """Already attached to this module (a second stage of one run); attached elsewhere: detach."""
-        if self.machinery is None:
-            return False
-        if any(m is self.machinery.adapter.model for m in pl_module.modules()):
-            return True
-        self.detach()
-        return False
+        if self.machinery is not None and not any(m is self.machinery.adapter.model for m in pl_module.modules()):
+            self.detach()
+        return self.machinery is not None
 
     def adapter_for(self, pl_module: LightningModule) -> TokenAdapter:
         adapter = find_adapter(pl_module)
@@ -222,8 +219,7 @@ class TokenCallback(Technique):
 
     # logging and state ------------------------------------------------------------------------
     def token_counts(self) -> dict[str, float]:
-        """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the
-        last call, over what the dense model would have processed)."""
+        """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the last call)."""
         done, dense = self.layer_tokens - self._logged[0], self.dense_layer_tokens - self._logged[1]
         self._logged = (self.layer_tokens, self.dense_layer_tokens)
         values = {"tokens/layer_tokens": float(self.layer_tokens)}

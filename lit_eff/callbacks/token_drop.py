@@ -37,14 +37,10 @@ class TokenDrop(TokenCallback):
     kind = "drops tokens at"
     changes_length = True
 
-    def __init__(
-        self,
-        blocks: list[int] | None = None,
-        keep_ratios: list[float | Schedule] | None = None,
-        score: Literal["attn", "cosine", "norm", "random"] = "attn",
-        apply_in: Literal["train", "eval", "both"] = "both",
-        query: Literal["auto", "cls", "mean"] = "auto",
-    ) -> None:
+    def __init__(self, blocks: list[int] | None = None, keep_ratios: list[float | Schedule] | None = None,
+                 score: Literal["attn", "cosine", "norm", "random"] = "attn",
+                 apply_in: Literal["train", "eval", "both"] = "both",
+                 query: Literal["auto", "cls", "mean"] = "auto") -> None:
         super().__init__()
         self.blocks = check_blocks("blocks", blocks)
         keep_ratios = [0.5] if keep_ratios is None else keep_ratios
@@ -63,9 +59,7 @@ class TokenDrop(TokenCallback):
         validation.check_choice("apply_in", apply_in, MODES)
         validation.check_choice("query", query, QUERIES)
         self.keep_ratios = list(keep_ratios)
-        self.score = score
-        self.apply_in = apply_in
-        self.query = query
+        self.score, self.apply_in, self.query = score, apply_in, query
 
     def ratios_at(self, step: int) -> list[float]:
         return [value_at(r, step) for r in self.keep_ratios]

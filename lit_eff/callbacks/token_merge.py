@@ -36,14 +36,9 @@ class TokenMerge(TokenCallback):
     kind = "merges tokens in"
     changes_length = True
 
-    def __init__(
-        self,
-        r: int | list[int] = 4,
-        blocks: list[int] | None = None,
-        prop_attn: bool = True,
-        apply_in: Literal["train", "eval", "both"] = "eval",
-        variant: Literal["official", "ordered"] = "official",
-    ) -> None:
+    def __init__(self, r: int | list[int] = 4, blocks: list[int] | None = None, prop_attn: bool = True,
+                 apply_in: Literal["train", "eval", "both"] = "eval",
+                 variant: Literal["official", "ordered"] = "official") -> None:
         super().__init__()
         if validation.is_int(r):
             validation.check_int("r", r, minimum=0)
@@ -55,9 +50,7 @@ class TokenMerge(TokenCallback):
         if not isinstance(prop_attn, bool):
             raise ValueError(f"Expected `prop_attn` to be true or false, got prop_attn={prop_attn!r}")
         self.r = r if validation.is_int(r) else list(r)
-        self.prop_attn = prop_attn
-        self.apply_in = apply_in
-        self.variant = variant
+        self.prop_attn, self.apply_in, self.variant = prop_attn, apply_in, variant
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -46,16 +46,9 @@ class TokenSkip(TokenCallback):
 
     kind = "skips tokens in"
 
-    def __init__(
-        self,
-        method: Literal["ltd", "mod"] = "ltd",
-        blocks: list[int] | None = None,
-        keep: float | Schedule = 0.5,
-        capacity: float = 0.125,
-        aux_loss_weight: float = 0.01,
-        eval_routing: Literal["auto", "topk", "threshold"] = "auto",
-        multiple_of: int = 1,
-    ) -> None:
+    def __init__(self, method: Literal["ltd", "mod"] = "ltd", blocks: list[int] | None = None,
+                 keep: float | Schedule = 0.5, capacity: float = 0.125, aux_loss_weight: float = 0.01,
+                 eval_routing: Literal["auto", "topk", "threshold"] = "auto", multiple_of: int = 1) -> None:
         super().__init__()
         validation.check_choice("method", method, ("ltd", "mod"))
         self.blocks = check_blocks("blocks", blocks)
@@ -64,12 +57,8 @@ class TokenSkip(TokenCallback):
         validation.check_number("aux_loss_weight", aux_loss_weight, low=0.0)
         validation.check_choice("eval_routing", eval_routing, ("auto", "topk", "threshold"))
         validation.check_int("multiple_of", multiple_of, minimum=1)
-        self.method = method
-        self.keep = keep
-        self.capacity = float(capacity)
-        self.aux_loss_weight = float(aux_loss_weight)
-        self.eval_routing = eval_routing
-        self.multiple_of = multiple_of
+        self.method, self.keep, self.capacity = method, keep, float(capacity)
+        self.aux_loss_weight, self.eval_routing, self.multiple_of = float(aux_loss_weight), eval_routing, multiple_of
 
     @override
     def plan_values(self, step: int) -> float:
@@ -109,9 +98,8 @@ class TokenSkip(TokenCallback):
     @override
     def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
         lengths = self.lengths(trainer, tokens)
-        processed = self.machinery.processed(lengths, value_at(self.keep, step))
-        return [processed[self.machinery.blocks.index(i)] if i in self.machinery.blocks else n
-                for i, n in enumerate(lengths)]
+        processed = dict(zip(self.machinery.blocks, self.machinery.processed(lengths, value_at(self.keep, step))))
+        return [processed.get(i, n) for i, n in enumerate(lengths)]
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
