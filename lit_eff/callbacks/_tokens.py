@@ -31,8 +31,8 @@ def check_blocks(name: str, blocks: Any) -> list[int] | None:
     return list(blocks)
 
 
-def check_blocks_in_range(name: str, blocks: list[int], adapter: TokenAdapter) -> None:
-    if blocks[-1] >= adapter.depth:
+def check_blocks_in_range(name: str, blocks: list[int] | None, adapter: TokenAdapter) -> None:
+    if blocks is not None and blocks[-1] >= adapter.depth:
         raise ValueError(f"Expected `{name}` < {adapter.depth} (the model has {adapter.depth} blocks, indices "
                          f"0..{adapter.depth - 1}), got {name}={list(blocks)}")
 
@@ -61,13 +61,10 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
 
 class TokenCallback(Technique):
     """Base of the token callbacks: finds the adapter, checks claims, prepares each batch
-    (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`).
-
-    ``changes_length``: the technique changes the token count of every later block (one per model).
-    """
+    (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`)."""
 
     kind = "reduces tokens in"  # how messages describe the claim
-    changes_length = False
+    changes_length = False  # changes the token count of every later block (one such technique per model)
 
     def __init__(self) -> None:
         super().__init__()
@@ -101,10 +98,9 @@ class TokenCallback(Technique):
     def check_schedules(self, trainer: Trainer, stage: str, values: list[tuple[str, Any]]) -> None:
         """Refuse a Schedule that leaves (0, 1] at some step of the run, before training."""
         self._scheduled = values if stage == "fit" else []
-        for name, value in self._scheduled:
-            if isinstance(value, Schedule):
-                validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
-                                                   who=self.name)
+        for name, value in [(n, v) for n, v in self._scheduled if isinstance(v, Schedule)]:
+            validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
+                                               who=self.name)
 
     @override
     def replan(self, trainer: Trainer) -> None:
@@ -145,8 +141,7 @@ class TokenCallback(Technique):
         return self.lengths(trainer, tokens)
 
     def _inputs(self, batch: Any) -> torch.Tensor:
-        inputs = first_tensor(batch)
-        if inputs is None:
+        if (inputs := first_tensor(batch)) is None:
             raise ValueError(f"{self.name} found no tensor in the batch ({type(batch).__name__}) to read its size from")
         return inputs
 
@@ -185,8 +180,7 @@ class TokenCallback(Technique):
         """The tokens every block processes at this step, for each input length seen in the run."""
         if self.machinery is None:
             return None
-        step = trainer.global_step
-        return tuple((n, tuple(self.counts(trainer, step, n))) for n in sorted(self._lengths))
+        return tuple((n, tuple(self.counts(trainer, trainer.global_step, n))) for n in sorted(self._lengths))
 
     # planning a FLOPs budget ------------------------------------------------------------------
     plans_flops = True

@@ -61,12 +61,10 @@ class TokenDrop(TokenCallback):
         self.keep_ratios = list(keep_ratios)
         self.score, self.apply_in, self.query = score, apply_in, query
 
-    def ratios_at(self, step: int) -> list[float]:
-        return [value_at(r, step) for r in self.keep_ratios]
+    def ratios_at(self, step: int) -> tuple[float, ...]:
+        return tuple(value_at(r, step) for r in self.keep_ratios)
 
-    @override
-    def plan_values(self, step: int) -> tuple[float, ...]:
-        return tuple(self.ratios_at(step))
+    plan_values = ratios_at  # the ratios decide the tokens each block processes
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

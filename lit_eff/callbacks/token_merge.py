@@ -60,8 +60,7 @@ class TokenMerge(TokenCallback):
         if adapter.causal:
             raise ValueError(f"TokenMerge averages tokens together, which breaks a causal language model "
                              f"({type(adapter.model).__name__}); use lit_eff.callbacks.TokenSkip")
-        if self.blocks is not None:
-            check_blocks_in_range("blocks", self.blocks, adapter)
+        check_blocks_in_range("blocks", self.blocks, adapter)
         if isinstance(self.r, list) and len(self.r) != adapter.depth:
             raise ValueError(f"Expected one `r` per block ({adapter.depth} blocks), got r={self.r}")
         schedule = merge_schedule(adapter.depth, self.r, self.blocks)
@@ -88,8 +87,7 @@ class TokenMerge(TokenCallback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.machinery is None or not self.machinery.active(False) or trainer.sanity_checking:
             return
-        fraction = self.kept_fraction(False)
-        if fraction is not None:
+        if (fraction := self.kept_fraction(False)) is not None:
             pl_module.log("tokens/eval_kept_fraction", fraction, batch_size=1)
 
     @property

@@ -17,15 +17,13 @@ class TokenSkip(TokenCallback):
     """Chosen blocks process only a subset of the tokens; the others pass through unchanged, in
     place (:mod:`lit_eff.tokens.skip`; docs/techniques/token_skip.md).
 
-    - ``method="ltd"`` (random-LTD): each block keeps a random ``keep`` fraction per sample in
-      training and runs every token at evaluation. Default blocks: 1..L−2.
-    - ``method="mod"`` (Mixture-of-Depths): a learned router per block (part of the model, kept
-      after ``teardown``) routes the top ``capacity`` fraction of each sequence. Default blocks:
-      every other block from 1.
+    ``method="ltd"`` (random-LTD): each block keeps a random ``keep`` fraction per sample in training.
+    ``method="mod"`` (Mixture-of-Depths): a learned router per block (part of the model, kept after
+    ``teardown``) routes the top ``capacity`` fraction of each sequence.
 
     Args:
         method: ``"ltd"`` or ``"mod"``.
-        blocks: indices of the skipping blocks (strictly increasing); ``None``: the default above.
+        blocks: the skipping blocks (strictly increasing); ``None``: 1..L−2 (ltd), every other block from 1 (mod).
         keep: fraction of the tokens each block processes (``"ltd"``), in (0, 1]; a number or a Schedule.
         capacity: fraction of each sequence routed through each block (``"mod"``), in (0, 1].
         aux_loss_weight: weight of the router loss (``"mod"``); 0 turns it off.
