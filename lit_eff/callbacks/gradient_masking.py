@@ -191,7 +191,7 @@ class GradientMasking(Technique):
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook: entries outside the pattern get their pre-step values back (exact lerp)."""
+        """Optimizer step post-hook: ``lerp`` by ``1 − keep`` (exact at 0, 1) restores entries off the pattern."""
         weights, saved, drops = self._pending.pop(id(optimizer), ((), (), ()))
         if weights:
             torch._foreach_lerp_(list(weights), saved, drops)
