@@ -37,7 +37,7 @@ class LayerFreezing(Technique):
         freeze_stem: freeze what runs before the first unit together with it.
         frozen_eval: put frozen units (and the frozen stem) in eval mode.
         blocks: dotted name of the ModuleList/Sequential of units (default: found automatically).
-        total_steps: ``T``; default: the run's optimizer steps.
+        total_steps: optimizer steps the schedule spans; default: the run's.
 
     Example::
 
