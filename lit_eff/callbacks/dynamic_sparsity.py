@@ -57,7 +57,6 @@ class DynamicSparsity(MaskingTechnique):
         self._mask_changes = 0.0
         self._grads: dict[str, torch.Tensor] = {}  # dense gradients of the step before a RigL update
 
-    # the schedule --------------------------------------------------------------------------------
     @property
     def end_step(self) -> int:
         """``T_end``, resolved when the fit starts."""
@@ -78,7 +77,6 @@ class DynamicSparsity(MaskingTechnique):
         last = rigl.last_update(self.update_every, self.end_step, total_steps)
         return None if last is None or last <= step else f"it moves masks until step {last}"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -104,7 +102,6 @@ class DynamicSparsity(MaskingTechnique):
     def plan_densities(self, step: int, total: int) -> dict[str, float]:
         return {name: self.densities[name] for name in self.targets}
 
-    # masks -------------------------------------------------------------------------------------
     @override
     def start(self, trainer: Trainer) -> None:
         if not self._drawn:  # a fresh run
@@ -119,8 +116,7 @@ class DynamicSparsity(MaskingTechnique):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._captures(trainer):
-            # forward multiplies by ones (W is zero at pruned positions, so the value is the same):
-            # W.grad is then the dense gradient ∂L/∂(W ⊙ M) at every position
+            # forward multiplies by ones (the same value: W is 0 where pruned), so W.grad is the dense ∂L/∂(W ⊙ M)
             self.group.dense_values(True)
 
     @override
@@ -160,7 +156,6 @@ class DynamicSparsity(MaskingTechnique):
         self._grads = {}
         super().teardown(trainer, pl_module, stage)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"end_step": self._end, "drawn": self._drawn, "last_update": self._last_update,

@@ -75,7 +75,6 @@ class MagnitudePruning(MaskingTechnique):
         schedule = self.schedule if self.end_step is not None else self._schedule(max(1, int(0.75 * total)))
         return dict.fromkeys(self.targets, 1.0 - schedule.target(step))
 
-    # the schedule --------------------------------------------------------------------------------
     def _sched(self) -> PruningSchedule:
         if self.schedule is None:
             raise RuntimeError("MagnitudePruning.end_step is not resolved yet: pass `end_step` or run it in a Trainer")
@@ -96,7 +95,6 @@ class MagnitudePruning(MaskingTechnique):
             return None
         return f"it updates masks until step {last} (end_step={self.schedule.end_step})"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         if self.structure == "nm":
@@ -120,7 +118,6 @@ class MagnitudePruning(MaskingTechnique):
             validation.warn_inactive(self.name, "end_step", self.schedule.end_step, run,
                                      f"the run ends before `final_sparsity`={self.final_sparsity:g} is reached")
 
-    # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _update(self, trainer: Trainer, step: int) -> None:
         """New masks at the sparsity scheduled for ``step``, from the current weights."""
@@ -152,7 +149,6 @@ class MagnitudePruning(MaskingTechnique):
         zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
         return float(zeros) / sum(w.numel() for w in weights)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"end_step": None if self.schedule is None else self.schedule.end_step, "last_update": self._last_update}

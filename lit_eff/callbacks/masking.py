@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -95,8 +96,7 @@ class MaskingTechnique(Technique):
         """Work after the optimizer step that reached ``step`` (once per optimizer step)."""
 
     def plan_densities(self, step: int, total: int) -> dict[str, float] | None:
-        """Each target's scheduled density at step ``step`` of a ``total``-step run (a FLOPs budget on
-        sparse-effective FLOPs plans with it); ``None``: unknown."""
+        """Each target's density at ``step`` of a ``total``-step run, for FLOPs budgets (``None``: unknown)."""
         return None
 
     # shared work -------------------------------------------------------------------------------
@@ -245,8 +245,6 @@ class MaskingTechnique(Technique):
 
 def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
     """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
-    import torch.distributed as dist
-
     values = flags.to(torch.int32)
     dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values.bool()

@@ -65,7 +65,6 @@ class NMSparsity(MaskingTechnique):
         return NMSchedule(self.n, self.m, total_steps, self.method, self.decay, self.decay_rate,
                           self.structure_decay, self.dense_steps, self.finetune_steps)
 
-    # the schedule (functions of the optimizer step) ----------------------------------------------
     def _sched(self) -> NMSchedule:
         if self.schedule is None:
             raise RuntimeError("NMSparsity.total_steps is not resolved yet: pass `total_steps` or run it in a Trainer")
@@ -101,7 +100,6 @@ class NMSparsity(MaskingTechnique):
             self._planned = (total, self._schedule(total))
         return dict.fromkeys(self.targets, self._planned[1].density(step))
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         frame = f" (a {self.structure_decay} structure-decay frame)"
@@ -122,24 +120,20 @@ class NMSparsity(MaskingTechnique):
             validation.warn_inactive(self.name, "total_steps", self.schedule.total_steps, run,
                                      f"the schedule reaches {self.n}:{self.m} with β = 0 only at step {sparse_from}")
 
-    # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _apply(self, step: int, start: bool = False) -> None:
         """Masks (from the current weights, all layers at once), β and reported density for ``step``."""
         schedule = self._sched()
         (n, m), beta = schedule.frame(step), schedule.beta(step)
+        # a new frame; at the start: masks of another density (fresh all-ones ones; loaded ones stay)
+        new_frame = any(p._density != n / m for p in self.group.params) if start else (n, m) != self._current[1:3]
         if n == m:
             if any(p._density != 1.0 for p in self.group.params):
                 self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
-        elif step % self.update_every == 0 or self._frame_changed(n, m, start):
+        elif step % self.update_every == 0 or new_frame:
             self.group.set_nm_masks(n, m)
         self.group.set_beta(beta)
         self._current = (beta, n, m, schedule.density(step))
-
-    def _frame_changed(self, n: int, m: int, start: bool) -> bool:
-        if start:  # masks of another frame (fresh all-ones ones); masks loaded from a checkpoint stay
-            return any(p._density != n / m for p in self.group.params)
-        return (n, m) != self._current[1:3]
 
     @override
     def start(self, trainer: Trainer) -> None:
@@ -157,7 +151,6 @@ class NMSparsity(MaskingTechnique):
                                       "sparsity/density": density})
         self._apply(step)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"total_steps": None if self.schedule is None else self.schedule.total_steps}

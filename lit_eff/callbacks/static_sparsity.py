@@ -67,7 +67,6 @@ class StaticSparsity(MaskingTechnique):
             return None
         return f"it releases its masks at step {release}"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -96,7 +95,6 @@ class StaticSparsity(MaskingTechnique):
         released = release is not None and step >= release
         return {name: 1.0 if released else self.densities[name] for name in self.targets}
 
-    # masks -------------------------------------------------------------------------------------
     def _release_if_due(self, step: int) -> None:
         if not self.released and self._release is not None and step >= self._release:
             self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
@@ -116,7 +114,6 @@ class StaticSparsity(MaskingTechnique):
         log_step(trainer, pl_module, {"sparsity/target": 0.0 if self.released else self.sparsity,
                                       "sparsity/released": float(self.released)})
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"release_step": self._release, "drawn": self._drawn, "released": self.released,
