@@ -2,21 +2,18 @@
 
 Other techniques see a sparsity callback only through ``targets`` (``{name: module}`` of the
 layers whose ``weight`` it masks, names without compile wrappers, filled at ``setup``) and
-:meth:`MaskingTechnique.mask_changes_after`.
-
-A subclass adds its schedule and mask rule; the base calls them from these hooks:
+:meth:`MaskingTechnique.mask_changes_after`. A subclass adds its schedule and mask rule; the base
+calls them from these hooks:
 
 - ``setup``: targets by ``layers`` and ``include``/``exclude`` globs (a weight another
-  :class:`MaskingTechnique` masks is refused, naming both); all-ones masks are attached before the
-  strategy wraps or shards the model and before a checkpoint loads. That is all in
-  ``validate``/``test``/``predict`` (the checkpoint brings the masks).
+  :class:`MaskingTechnique` masks is refused); all-ones masks are attached before the strategy wraps
+  or shards the model and before a checkpoint loads. That is all in ``validate``/``test``/``predict``.
 - ``on_fit_start``: :meth:`~MaskingTechnique.resolve` fixes the schedule for the run length.
 - ``on_train_start`` (weights, optimizer and step restored): :meth:`~MaskingTechnique.start`.
 - once per optimizer step (``on_train_batch_end``): :meth:`~MaskingTechnique.after_step`; after a
   mask change and on logging steps, a fused check that the masked weights are finite
   (``on_nonfinite``), read one step later so it never waits on the device.
-- ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights, so
-  the main process receives the effective weights.
+- ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights.
 """
 
 from __future__ import annotations
@@ -210,19 +207,21 @@ class MaskingTechnique(Technique):
         return self._finite_now()
 
     def _finite_now(self) -> torch.Tensor:
-        flags = self.group.finite()
-        return _all_ranks(flags) if self._sharded() else flags
+        return self._on_all_ranks(self.group.finite())
 
-    def _sharded(self) -> bool:
-        return any(is_sharded(w) for w in self.group.weights)
+    def _on_all_ranks(self, flags: torch.Tensor) -> torch.Tensor:
+        """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
+        if not any(is_sharded(w) for w in self.group.weights):
+            return flags
+        values = flags.to(torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return values.bool()
 
     def _nonfinite(self, step: int, flags: torch.Tensor) -> None:
         flagged = [i for i, ok in enumerate(flags.tolist()) if not ok]
         if not flagged:
             return
-        exact = torch.tensor([self.group.all_finite(i) for i in flagged])  # the fast check can overflow
-        if self._sharded():
-            exact = _all_ranks(exact)
+        exact = self._on_all_ranks(torch.tensor([self.group.all_finite(i) for i in flagged]))  # fast check can overflow
         bad = [self.group.names[i] for i, ok in zip(flagged, exact.tolist()) if not ok]
         if not bad or (self.on_nonfinite == "warn" and self._warned.issuperset(bad)):
             return
@@ -241,10 +240,3 @@ class MaskingTechnique(Technique):
         # two instances on different layers of one model keep separate checkpoint entries
         return self._generate_state_key(**{f: getattr(self, f) for f in self._key_fields}, include=self.include,
                                         exclude=self.exclude)
-
-
-def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
-    """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
-    values = flags.to(torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    return values.bool()
