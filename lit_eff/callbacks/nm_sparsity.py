@@ -18,8 +18,8 @@ from lit_eff.sparsity import NMSchedule, nm_frames
 class NMSparsity(MaskingTechnique):
     """Trains with N:M sparse weights: ``n`` of every ``m`` consecutive input weights kept.
 
-    Forward reads ``W ⊙ (E + β(1−E))``, ``E`` the N:M mask of ``|W|`` recomputed after every optimizer
-    step (every ``update_every`` steps and at frame changes if > 1), with a straight-through gradient;
+    Forward reads ``W ⊙ (E + β(1−E))``, ``E`` the N:M mask of ``|W|`` recomputed every ``update_every``
+    optimizer steps (and when the frame changes), with a straight-through gradient;
     ``method`` is ``"ste"``, ``"srste"`` (adds ``λ(1−E)⊙W`` to the gradient) or ``"mask_decay"`` (β decays
     from 1 to 0). Phases follow :class:`lit_eff.sparsity.NMSchedule`. Logs ``sparsity/{beta,n,m,density}``.
     The card: docs/techniques/nm_sparsity.md.
