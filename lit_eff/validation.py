@@ -16,21 +16,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = [
-    "check_choice",
-    "check_density",
-    "check_fraction",
-    "check_int",
-    "check_nm",
-    "check_number",
-    "check_patterns",
-    "check_schedule_over_run",
-    "check_sparsity",
-    "is_int",
-    "is_number",
-    "run_length",
-    "warn_inactive",
-]
+__all__ = ["check_bool", "check_choice", "check_density", "check_fraction", "check_int", "check_nm", "check_number",
+           "check_patterns", "check_schedule_over_run", "check_sparsity", "is_int", "is_number", "run_length",
+           "warn_inactive"]
 
 
 def is_int(value: Any) -> bool:
@@ -41,6 +29,12 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``True`` or ``False`` (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected `{name}` to be true or false, got {name}={value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -58,6 +52,11 @@ def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False)
         raise ValueError(f"Expected `{name}` to be an integer >= {minimum}{extra}, got {name}={value!r}")
 
 
+def _inside(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    return above and (high is None or (value < high if high_open else value <= high))
+
+
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     left = "(" if low_open or low is None else "["
     right = ")" if high_open or high is None else "]"
@@ -67,12 +66,7 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
                  low_open: bool = False, high_open: bool = False) -> float:
     """A finite number in the interval; returns it as a float."""
-    ok = is_number(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
+    if not (is_number(value) and _inside(value, low, high, low_open, high_open)):
         raise ValueError(f"Expected `{name}` in {_interval(low, high, low_open, high_open)}, got {name}={value!r}")
     return float(value)
 
@@ -114,18 +108,15 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
 
 
 def stepping_batches(trainer: Any) -> float:
-    """The optimizer steps this fit will take: ``trainer.estimated_stepping_batches`` (the smaller of
-    what ``max_steps`` and ``max_epochs`` allow), or the datamodule's ``planned_steps(trainer)``
-    where it has one (epochs that shrink during training, e.g. dynamic data removal)."""
+    """The optimizer steps this fit will take: the datamodule's ``planned_steps(trainer)`` where it
+    has one (epochs that shrink during training), else ``trainer.estimated_stepping_batches``."""
     planned = getattr(getattr(trainer, "datamodule", None), "planned_steps", None)
     steps = planned(trainer) if callable(planned) else None
     return trainer.estimated_stepping_batches if steps is None else steps
 
 
 def run_length(trainer: Any, who: str, fix: str) -> int:
-    """The optimizer steps this fit will take (:func:`stepping_batches`). Raises
-    ``"<who> cannot tell the length of training: <fix>"`` when it is unknown (an infinite or
-    empty loader)."""
+    """:func:`stepping_batches`, or ``"<who> cannot tell the length of training: <fix>"`` when unknown."""
     estimated = stepping_batches(trainer)
     if not math.isfinite(estimated) or estimated <= 0:
         raise ValueError(f"{who} cannot tell the length of training: {fix}")
@@ -134,12 +125,10 @@ def run_length(trainer: Any, who: str, fix: str) -> int:
 
 def check_schedule_over_run(name: str, schedule: Any, total_steps: int, low: float, high: float, *,
                             low_open: bool = False, high_open: bool = False, who: str = "") -> None:
-    """Evaluate a schedule (a callable of the optimizer step) over the whole run and raise if any
-    value leaves the interval, naming the first step where it does."""
+    """Raise if a schedule (a callable of the optimizer step) leaves the interval at some step of the run."""
     for step in _probe_steps(schedule, total_steps):
         value = float(schedule(step))
-        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-        if not inside or math.isnan(value):
+        if math.isnan(value) or not _inside(value, low, high, low_open, high_open):
             where = f"{who}: " if who else ""
             raise ValueError(f"{where}Expected `{name}` in {_interval(low, high, low_open, high_open)} at every step "
                              f"of the run (0..{total_steps - 1}), got {schedule!r} = {value:g} at step {step}")

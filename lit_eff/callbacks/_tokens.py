@@ -1,6 +1,5 @@
-"""What the token callbacks share: block checks, claims on blocks, per-batch preparation
-(scheduled values, random choices drawn outside ``forward``) and token counts computed from
-the structure of the step, not counted inside ``forward``."""
+"""What the token callbacks share: block checks, claims on blocks, per-batch preparation outside
+``forward`` and token counts derived from the structure of the step."""
 
 from __future__ import annotations
 
@@ -18,20 +17,22 @@ from lit_eff.schedules import Schedule
 from lit_eff.seeding import run_seed
 from lit_eff.tokens.adapters import TokenAdapter, find_adapter
 
+_STATE = ("layer_tokens", "dense_layer_tokens", "last_choice")  # checkpoint state of every token callback
 
-def check_blocks(name: str, blocks: Any, allow_none: bool = True) -> None:
-    """A strictly increasing list of block indices >= 0 (``None`` allowed: the default)."""
-    if blocks is None and allow_none:
-        return
-    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)) or not blocks \
-            or not all(validation.is_int(b) for b in blocks):
+
+def check_blocks(name: str, blocks: Any) -> list[int] | None:
+    """A strictly increasing list of block indices >= 0, or ``None`` (the default); returns a copy."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, (list, tuple)) or not blocks or not all(validation.is_int(b) for b in blocks):
         raise ValueError(f"Expected `{name}` to be a non-empty list of block indices (integers), got {name}={blocks!r}")
     if blocks[0] < 0 or any(b <= a for a, b in zip(blocks, blocks[1:])):
         raise ValueError(f"Expected `{name}` to be strictly increasing block indices >= 0, got {name}={list(blocks)}")
+    return list(blocks)
 
 
-def check_blocks_in_range(name: str, blocks: list[int], adapter: TokenAdapter) -> None:
-    if blocks[-1] >= adapter.depth:
+def check_blocks_in_range(name: str, blocks: list[int] | None, adapter: TokenAdapter) -> None:
+    if blocks is not None and blocks[-1] >= adapter.depth:
         raise ValueError(f"Expected `{name}` < {adapter.depth} (the model has {adapter.depth} blocks, indices "
                          f"0..{adapter.depth - 1}), got {name}={list(blocks)}")
 
@@ -41,9 +42,8 @@ def check_fraction(name: str, value: Any) -> None:
     if not isinstance(value, Schedule):
         validation.check_fraction(name, value, low_open=True)
         return
-    probes = [getattr(value, "start", None), getattr(value, "end", None), *getattr(value, "values", [])]
-    for probe in [p for p in probes if p is not None]:
-        if not validation.is_number(probe) or not 0.0 < probe <= 1.0:
+    for probe in (getattr(value, "start", None), getattr(value, "end", None), *getattr(value, "values", [])):
+        if probe is not None and not (validation.is_number(probe) and 0.0 < probe <= 1.0):
             raise ValueError(f"Expected `{name}` in (0, 1], got {name}={value!r} (value {probe})")
 
 
@@ -56,34 +56,15 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-class _AtStep:
-    """The trainer as seen at another optimizer step (to prepare a planning probe)."""
-
-    def __init__(self, trainer: Trainer, step: int) -> None:
-        self._trainer, self.global_step = trainer, step
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._trainer, name)
+    return next((found for found in map(first_tensor, items) if found is not None), None)
 
 
 class TokenCallback(Technique):
     """Base of the token callbacks: finds the adapter, checks claims, prepares each batch
-    (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`).
-
-    ``changes_length``: the technique changes the token count every later block sees (dropping,
-    merging); one such technique per model, as token sizes and dropped tokens cannot be tracked
-    together.
-    """
+    (:meth:`prepare`) and counts the tokens the blocks process (:meth:`counts`)."""
 
     kind = "reduces tokens in"  # how messages describe the claim
-    changes_length = False
+    changes_length = False  # changes the token count of every later block (one such technique per model)
 
     def __init__(self) -> None:
         super().__init__()
@@ -101,12 +82,9 @@ class TokenCallback(Technique):
     # attaching --------------------------------------------------------------------------------
     def attached_to(self, pl_module: LightningModule) -> bool:
         """Already attached to this module (a second stage of one run); attached elsewhere: detach."""
-        if self.machinery is None:
-            return False
-        if any(m is self.machinery.adapter.model for m in pl_module.modules()):
-            return True
-        self.detach()
-        return False
+        if self.machinery is not None and not any(m is self.machinery.adapter.model for m in pl_module.modules()):
+            self.detach()
+        return self.machinery is not None
 
     def adapter_for(self, pl_module: LightningModule) -> TokenAdapter:
         adapter = find_adapter(pl_module)
@@ -120,10 +98,9 @@ class TokenCallback(Technique):
     def check_schedules(self, trainer: Trainer, stage: str, values: list[tuple[str, Any]]) -> None:
         """Refuse a Schedule that leaves (0, 1] at some step of the run, before training."""
         self._scheduled = values if stage == "fit" else []
-        for name, value in self._scheduled:
-            if isinstance(value, Schedule):
-                validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
-                                                   who=self.name)
+        for name, value in [(n, v) for n, v in self._scheduled if isinstance(v, Schedule)]:
+            validation.check_schedule_over_run(name, value, self.run_length(trainer), 0.0, 1.0, low_open=True,
+                                               who=self.name)
 
     @override
     def replan(self, trainer: Trainer) -> None:
@@ -131,9 +108,7 @@ class TokenCallback(Technique):
 
     def claim(self, trainer: Trainer, blocks: list[int]) -> None:
         """Refuse blocks another token callback of ``trainer`` already claimed."""
-        for other in self.others(trainer, TokenCallback):
-            if not other.claimed:
-                continue
+        for other in [cb for cb in self.others(trainer, TokenCallback) if cb.claimed]:
             clash = sorted(set(blocks) & set(other.claimed))
             why = self.conflict(other) or (clash and f"{other.describe(trainer)} {other.kind} blocks {clash}, which "
                                                      f"{self.describe(trainer)} {self.kind} too")
@@ -157,17 +132,16 @@ class TokenCallback(Technique):
         return [tokens] * self.machinery.adapter.depth
 
     # per batch --------------------------------------------------------------------------------
-    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: torch.Tensor,
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, step: int, keys: tuple, inputs: torch.Tensor,
                 training: bool) -> None:
-        """Set this batch's scheduled values and random choices on the model (outside ``forward``)."""
+        """Set the scheduled values of optimizer step ``step`` and this batch's random choices on the model."""
 
     def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
         """Tokens each block processes in a training step at ``step`` when ``tokens`` enter the model."""
         return self.lengths(trainer, tokens)
 
     def _inputs(self, batch: Any) -> torch.Tensor:
-        inputs = first_tensor(batch)
-        if inputs is None:
+        if (inputs := first_tensor(batch)) is None:
             raise ValueError(f"{self.name} found no tensor in the batch ({type(batch).__name__}) to read its size from")
         return inputs
 
@@ -179,14 +153,15 @@ class TokenCallback(Technique):
         tokens = self.machinery.adapter.tokens_in(inputs)
         self._lengths.add(tokens)
         self._last_tokens = tokens
-        self.prepare(trainer, pl_module, (run_seed(), trainer.global_step, batch_idx), inputs, True)
-        self.layer_tokens += inputs.shape[0] * sum(self.counts(trainer, trainer.global_step, tokens))
+        step = trainer.global_step
+        self.prepare(trainer, pl_module, step, (run_seed(), step, batch_idx), inputs, True)
+        self.layer_tokens += inputs.shape[0] * sum(self.counts(trainer, step, tokens))
         self.dense_layer_tokens += inputs.shape[0] * tokens * self.machinery.adapter.depth
 
     def _eval_batch(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Any, batch_idx: int) -> None:
         if self.machinery is not None:
-            keys = (run_seed(), stage, trainer.global_step, batch_idx)
-            self.prepare(trainer, pl_module, keys, self._inputs(batch), False)
+            step = trainer.global_step
+            self.prepare(trainer, pl_module, step, (run_seed(), stage, step, batch_idx), self._inputs(batch), False)
 
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -205,8 +180,7 @@ class TokenCallback(Technique):
         """The tokens every block processes at this step, for each input length seen in the run."""
         if self.machinery is None:
             return None
-        step = trainer.global_step
-        return tuple((n, tuple(self.counts(trainer, step, n))) for n in sorted(self._lengths))
+        return tuple((n, tuple(self.counts(trainer, trainer.global_step, n))) for n in sorted(self._lengths))
 
     # planning a FLOPs budget ------------------------------------------------------------------
     plans_flops = True
@@ -231,7 +205,7 @@ class TokenCallback(Technique):
             return
         saved = self.technique_state()
         step = self._plan_steps.get(state, 0)
-        self.prepare(_AtStep(trainer, step), pl_module, (run_seed(), step, 0), self._inputs(batch), True)
+        self.prepare(trainer, pl_module, step, (run_seed(), step, 0), self._inputs(batch), True)
         try:
             yield
         finally:
@@ -239,8 +213,7 @@ class TokenCallback(Technique):
 
     # logging and state ------------------------------------------------------------------------
     def token_counts(self) -> dict[str, float]:
-        """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the
-        last call, over what the dense model would have processed)."""
+        """``tokens/layer_tokens`` (running total) and ``tokens/layer_token_fraction`` (since the last call)."""
         done, dense = self.layer_tokens - self._logged[0], self.dense_layer_tokens - self._logged[1]
         self._logged = (self.layer_tokens, self.dense_layer_tokens)
         values = {"tokens/layer_tokens": float(self.layer_tokens)}
@@ -254,12 +227,11 @@ class TokenCallback(Technique):
 
     @override
     def technique_state(self) -> dict[str, Any]:
-        return {"layer_tokens": self.layer_tokens, "dense_layer_tokens": self.dense_layer_tokens,
-                "last_choice": self.last_choice}
+        return {key: getattr(self, key) for key in _STATE}
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
-        for key in ("layer_tokens", "dense_layer_tokens", "last_choice"):
+        for key in _STATE:
             setattr(self, key, int(state.get(key, 0)))
         self._logged = (self.layer_tokens, self.dense_layer_tokens)
 
@@ -269,3 +241,7 @@ class TokenCallback(Technique):
             self.machinery.remove()
             self.machinery = None
         self.claimed = []
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.detach()

@@ -21,12 +21,10 @@ from lit_eff.sparsity.sharded import full
 class DynamicSparsity(MaskingTechnique):
     """Trains at constant sparsity while moving the mask: RigL (grow by gradient) or SET (grow at random).
 
-    At the start of training each layer gets a random mask at its density (``uniform`` or
-    ``erk``), the same on every rank; every ``update_every`` steps until ``stop_fraction`` of the
-    run, :func:`lit_eff.sparsity.drop_and_grow` drops the cosine-decayed fraction of smallest
-    ``|W|`` and grows as many by dense ``|∇W|`` (RigL) or at random (SET). Pruned weights stay
-    exactly zero. Logs ``sparsity/drop_fraction`` and ``sparsity/mask_changes``. The card:
-    docs/techniques/dynamic_sparsity.md.
+    Each layer starts from a random mask at its density (``uniform`` or ``erk``); every ``update_every``
+    steps until ``stop_fraction`` of the run, the cosine-decayed fraction of smallest ``|W|`` is dropped
+    and as many grown by dense ``|∇W|`` (RigL) or at random (SET). Logs ``sparsity/drop_fraction`` and
+    ``sparsity/mask_changes``. The card: docs/techniques/dynamic_sparsity.md.
 
     Example::
 
@@ -39,37 +37,26 @@ class DynamicSparsity(MaskingTechnique):
     ste = False
     _key_fields = ("sparsity", "method", "distribution")
 
-    def __init__(
-        self,
-        sparsity: float,
-        method: Literal["rigl", "set"] = "rigl",
-        distribution: Literal["uniform", "erk"] = "uniform",
-        update_every: int = 100,
-        drop_fraction: float = 0.3,
-        stop_fraction: float = 0.75,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        layers: list[Literal["linear", "conv"]] | None = None,
-        on_nonfinite: Literal["raise", "warn"] = "raise",
-    ) -> None:
+    def __init__(self, sparsity: float, method: Literal["rigl", "set"] = "rigl",
+                 distribution: Literal["uniform", "erk"] = "uniform", update_every: int = 100,
+                 drop_fraction: float = 0.3, stop_fraction: float = 0.75, include: list[str] | None = None,
+                 exclude: list[str] | None = None, layers: list[Literal["linear", "conv"]] | None = None,
+                 on_nonfinite: Literal["raise", "warn"] = "raise") -> None:
         super().__init__(include, exclude, layers, on_nonfinite)
-        validation.check_sparsity(sparsity)
+        self.sparsity = validation.check_sparsity(sparsity)
         validation.check_choice("method", method, ["rigl", "set"])
         validation.check_choice("distribution", distribution, ["uniform", "erk"])
         validation.check_int("update_every", update_every, minimum=1)
-        validation.check_fraction("drop_fraction", drop_fraction, low_open=True)
-        validation.check_fraction("stop_fraction", stop_fraction, low_open=True)
-        self.sparsity, self.method, self.distribution = float(sparsity), method, distribution
-        self.update_every, self.drop_fraction, self.stop_fraction = update_every, float(drop_fraction), float(stop_fraction)
+        self.drop_fraction = validation.check_fraction("drop_fraction", drop_fraction, low_open=True)
+        self.stop_fraction = validation.check_fraction("stop_fraction", stop_fraction, low_open=True)
+        self.method, self.distribution, self.update_every = method, distribution, update_every
         self.densities: dict[str, float] = {}
         self.active: dict[str, int] = {}  # active weights per layer (constant)
         self._end: int | None = None  # T_end
-        self._drawn = False  # the initial masks are set (and in the checkpoint)
         self._last_update: int | None = None
         self._mask_changes = 0.0
-        self._grads: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}  # dense gradients of the step before a RigL update
 
-    # the schedule --------------------------------------------------------------------------------
     @property
     def end_step(self) -> int:
         """``T_end``, resolved when the fit starts."""
@@ -90,7 +77,6 @@ class DynamicSparsity(MaskingTechnique):
         last = rigl.last_update(self.update_every, self.end_step, total_steps)
         return None if last is None or last <= step else f"it moves masks until step {last}"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -116,57 +102,46 @@ class DynamicSparsity(MaskingTechnique):
     def plan_densities(self, step: int, total: int) -> dict[str, float]:
         return {name: self.densities[name] for name in self.targets}
 
-    # masks -------------------------------------------------------------------------------------
     @override
     def start(self, trainer: Trainer) -> None:
-        if not self._drawn:  # a fresh run: random masks, the same on every rank
-            seed = run_seed()
-            masks = [sparsity.random_mask(p.mask.shape, self.densities[name], generator(seed, "rigl-init", name))
-                     .to(p.mask.device) for name, p in zip(self.group.names, self.group.params)]
-            self.group.set_masks(masks, density=[self.active[n] / m.numel() for n, m in zip(self.group.names, masks)])
-            self._drawn = True
+        if not self._drawn:  # a fresh run
+            self.draw(self.densities, "rigl-init")
         self.group.dense_values(False)
         self.enforce(trainer)
 
     def _captures(self, trainer: Trainer) -> bool:
-        """Whether the optimizer step now running precedes a RigL update (global_step still counts
-        the steps before it): its dense gradient decides regrowth."""
+        """Whether the optimizer step now running (``global_step`` + 1) precedes a RigL update."""
         return self.method == "rigl" and self.is_update(trainer.global_step + 1)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._captures(trainer):
-            # forward multiplies by ones (W is zero at pruned positions, so the value is the same):
-            # W.grad is then the dense gradient ∂L/∂(W ⊙ M) at every position
+            # forward multiplies by ones (the same value: W is 0 where pruned), so W.grad is the dense ∂L/∂(W ⊙ M)
             self.group.dense_values(True)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if not self._captures(trainer):
             return  # forward multiplied by M: pruned positions already have a zero gradient
-        for name, weight in zip(self.group.names, self.group.weights):
-            if weight.grad is not None:
-                self._grads[name] = full(weight.grad).detach().clone()
+        self._grads.update({name: full(weight.grad).detach().clone()
+                            for name, weight in zip(self.group.names, self.group.weights) if weight.grad is not None})
         self.group.dense_values(False)
         self.group.mask_gradients()
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
-        alpha, masks, densities = self.alpha(step), [], []
+        alpha, masks = self.alpha(step), []
         for name, weight, p in zip(self.group.names, self.group.full_weights(), self.group.params):
-            n = self.active[name]
             if self.method == "rigl":
                 grad = self._grads.get(name)
                 scores = grad.abs() if grad is not None else torch.zeros(p.mask.shape, device=p.mask.device)
             else:
                 scores = torch.rand(p.mask.shape, generator=generator(run_seed(), step, "set", name)).to(p.mask.device)
-            masks.append(sparsity.drop_and_grow(weight, p.mask, math.floor(alpha * n), scores))
-            densities.append(n / p.mask.numel())
+            masks.append(sparsity.drop_and_grow(weight, p.mask, math.floor(alpha * self.active[name]), scores))
         grown = torch.stack([(new & ~p.mask).sum() for new, p in zip(masks, self.group.params)]).sum()
-        self.group.set_masks(masks, density=densities)
-        self._grads = {}
+        self.group.set_masks(masks, density=[self.active[n] / m.numel() for n, m in zip(self.group.names, masks)])
+        self._grads, self._last_update = {}, step
         self._mask_changes = float(grown) / max(1, sum(self.active.values()))
-        self._last_update = step
 
     @override
     def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -181,7 +156,6 @@ class DynamicSparsity(MaskingTechnique):
         self._grads = {}
         super().teardown(trainer, pl_module, stage)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"end_step": self._end, "drawn": self._drawn, "last_update": self._last_update,
@@ -192,6 +166,5 @@ class DynamicSparsity(MaskingTechnique):
         if state.get("end_step") is not None:
             self._end = int(state["end_step"])
         self._drawn = bool(state.get("drawn", True))  # a saved state comes from a started run
-        last_update = state.get("last_update")
-        self._last_update = None if last_update is None else int(last_update)
+        self._last_update = None if state.get("last_update") is None else int(state["last_update"])
         self._mask_changes = float(state.get("mask_changes", 0.0))

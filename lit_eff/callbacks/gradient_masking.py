@@ -24,10 +24,8 @@ _REFUSED = {"FSDPStrategy": "FSDP1 keeps gradients in flattened, sharded paramet
 class GradientMasking(Technique):
     """Every ``refresh_every`` optimizer steps, keeps the ``density`` fraction of largest ``|g|``
     entries of each targeted layer's weight gradient (among the weights a sparsity mask keeps) as
-    the layer's pattern; on every step only the pattern's entries move, whatever the optimizer
-    (AdamW momentum and weight decay included). ``g`` is the gradient the optimizer would use:
-    accumulated, all-reduced, unscaled. Works under DDP and FSDP2 (top-k over the full gradient).
-    Details: docs/techniques/gradient_masking.md.
+    the layer's pattern; on every step only the pattern's entries move, whatever the optimizer.
+    Works under DDP and FSDP2. Details: docs/techniques/gradient_masking.md.
 
     Args:
         density: fraction of gradient entries kept, in (0, 1], or a Schedule of the step.
@@ -47,7 +45,7 @@ class GradientMasking(Technique):
                  exclude: list[str] | None = None) -> None:
         super().__init__()
         if not isinstance(density, Schedule):
-            validation.check_density(density, "density")
+            validation.check_density(density)
         validation.check_int("refresh_every", refresh_every, minimum=1)
         self.density = density
         self.refresh_every = refresh_every
@@ -73,13 +71,9 @@ class GradientMasking(Technique):
             return validation.check_density(self.density(step), f"density (at step {step})")
         return float(self.density)
 
-    # setup ------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _REFUSED:
-            raise ValueError(f"GradientMasking does not support {strategy}: {_REFUSED[strategy]}. Use DDP or "
-                             f"ModelParallelStrategy (FSDP2)")
+        self.refuse_strategies(trainer, _REFUSED)
         targets = sparsity.find_targets(pl_module, include=self.include, exclude=self.exclude)
         self.layers = {clean_name(name): module for name, module in targets.items()}
 
@@ -109,19 +103,16 @@ class GradientMasking(Technique):
             hook.remove()
         self._hooks, self._pending, self._plans, self._buffers, self._keeps = [], {}, {}, {}, {}
 
-    # masking ----------------------------------------------------------------------------------
     @staticmethod
     def allowed(module: nn.Module) -> torch.Tensor | None:
         """The layer's sparsity mask (kept weights), or ``None`` when it is not masked."""
         return sparsity.get_mask(module) if sparsity.has_mask(module) else None
 
-    def _pattern(self, name: str, module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    def _pattern(self, name: str, module: nn.Module, grad: torch.Tensor) -> None:
         """A new full-size pattern from ``grad`` (gathered when sharded: a collective)."""
         allowed = self.allowed(module)
-        pattern = topk_mask(full_tensor(grad), self.density_in_force,
-                            None if allowed is None else full_tensor(allowed))
-        self.patterns[name] = pattern
-        return pattern
+        self.patterns[name] = topk_mask(full_tensor(grad), self.density_in_force,
+                                        None if allowed is None else full_tensor(allowed))
 
     @torch.no_grad()
     def refresh(self, step: int) -> None:
@@ -135,8 +126,7 @@ class GradientMasking(Technique):
         self.refreshed_at = step
 
     def _layers_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Module, nn.Parameter]]:
-        """The targeted layers whose weight ``optimizer`` updates (resolved once per fit: FSDP2
-        replaces the parameters after ``setup``)."""
+        """The targeted layers whose weight ``optimizer`` updates (once per fit: FSDP2 replaces weights)."""
         if id(optimizer) not in self._plans:
             mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
             self._plans[id(optimizer)] = [(name, module, dense_weight(module)) for name, module in self.layers.items()
@@ -160,18 +150,15 @@ class GradientMasking(Technique):
             self._keeps[name] = keep, 1 - keep
         return keep, 1 - keep
 
-    def _measures(self, trainer: Trainer) -> bool:
-        """Whether ``on_train_batch_end`` of this optimizer step hands its values to the loggers."""
-        done, every = trainer.global_step + 1, trainer.log_every_n_steps
-        return (every > 0 and done % every == 0) or (self._total is not None and done >= self._total)
-
     @override
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
         if step % self.refresh_every == 0 or self.refreshed_at is None:
             self.refresh(step)
-        measure = self._measures(trainer)
+        # measured when on_train_batch_end of this step hands its values to the loggers
+        done, every = step + 1, trainer.log_every_n_steps
+        measure = (every > 0 and done % every == 0) or (self._total is not None and done >= self._total)
         layers, before, like = [], [], None
         for name, module, weight in self._layers_of(optimizer):
             if weight.grad is None:
@@ -204,8 +191,7 @@ class GradientMasking(Technique):
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook: entries outside the pattern get their pre-step values back.
-        ``lerp(w, before, t)`` is exact at ``t`` = 0 and 1."""
+        """Optimizer step post-hook: ``lerp`` by ``1 − keep`` (exact at 0, 1) restores entries off the pattern."""
         weights, saved, drops = self._pending.pop(id(optimizer), ((), (), ()))
         if weights:
             torch._foreach_lerp_(list(weights), saved, drops)
@@ -215,16 +201,11 @@ class GradientMasking(Technique):
                            batch_idx: int) -> None:
         if not self.optimizer_stepped(trainer) or self.density_in_force is None:
             return
-
-        def values() -> dict[str, Any]:
-            out: dict[str, Any] = {"grad_mask/density": self.density_in_force}
-            if self._fraction is not None and self._fraction_step == trainer.global_step - 1:
-                out["grad_mask/kept_norm_fraction"] = self._fraction
-            return out
-
+        values: dict[str, Any] = {"grad_mask/density": self.density_in_force}
+        if self._fraction is not None and self._fraction_step == trainer.global_step - 1:
+            values["grad_mask/kept_norm_fraction"] = self._fraction
         log_step(trainer, pl_module, values)
 
-    # state ------------------------------------------------------------------------------------
     @property
     @override
     def state_key(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lit_eff import validation
@@ -26,23 +27,17 @@ _REFUSED = {"FSDPStrategy": "FSDP1 flattens each unit's parameters into one flat
 class LayerFreezing(Technique):
     """Freezes the model's earliest units (transformer blocks, a CNN's stages), and with the first
     one its stem, as training goes on: their weights stop changing and their backward disappears.
-
-    ``schedule="window"``: ``k = floor(final_fraction · n)`` units freeze one by one at evenly
-    spaced steps from ``freeze_start · T`` to ``freeze_end · T`` (default 0.75).
-    ``schedule="composer"``: Composer's LayerFreezing schedule (its ``freeze_level`` is
-    ``final_fraction``; no ``freeze_end``: the frozen fraction grows until the end of training).
-    ``T`` is ``total_steps`` or the run's optimizer steps. Under DDP it needs
-    ``find_unused_parameters=True``. Details: docs/techniques/layer_freezing.md.
+    Under DDP it needs ``find_unused_parameters=True``. Details: docs/techniques/layer_freezing.md.
 
     Args:
         final_fraction: fraction of units frozen at the end, in (0, 1].
         freeze_start: fraction of training before freezing starts, in [0, 1].
-        freeze_end: (window) fraction of training at which the last unit freezes.
-        schedule: ``"window"`` or ``"composer"``.
+        freeze_end: (window) fraction of training at which the last unit freezes (default 0.75).
+        schedule: ``"window"`` (units freeze at evenly spaced steps) or ``"composer"`` (Composer's schedule).
         freeze_stem: freeze what runs before the first unit together with it.
         frozen_eval: put frozen units (and the frozen stem) in eval mode.
         blocks: dotted name of the ModuleList/Sequential of units (default: found automatically).
-        total_steps: ``T``; default: the run's optimizer steps.
+        total_steps: optimizer steps the schedule spans; default: the run's.
 
     Example::
 
@@ -52,17 +47,9 @@ class LayerFreezing(Technique):
               init_args: {final_fraction: 0.5, freeze_start: 0.25, freeze_end: 0.75}
     """
 
-    def __init__(
-        self,
-        final_fraction: float = 0.5,
-        freeze_start: float = 0.25,
-        freeze_end: float | None = None,
-        schedule: Literal["window", "composer"] = "window",
-        freeze_stem: bool = True,
-        frozen_eval: bool = True,
-        blocks: str | None = None,
-        total_steps: int | None = None,
-    ) -> None:
+    def __init__(self, final_fraction: float = 0.5, freeze_start: float = 0.25, freeze_end: float | None = None,
+                 schedule: Literal["window", "composer"] = "window", freeze_stem: bool = True,
+                 frozen_eval: bool = True, blocks: str | None = None, total_steps: int | None = None) -> None:
         super().__init__()
         validation.check_choice("schedule", schedule, SCHEDULES)
         validation.check_fraction("final_fraction", final_fraction, low_open=True)
@@ -70,14 +57,12 @@ class LayerFreezing(Technique):
         if schedule == "composer" and freeze_end is not None:
             raise ValueError(f"Expected no `freeze_end` with schedule='composer' (its last unit freezes at the end "
                              f"of training), got freeze_end={freeze_end!r}")
-        if schedule == "window":
-            end = 0.75 if freeze_end is None else validation.check_fraction("freeze_end", freeze_end)
-            if end < freeze_start:
-                raise ValueError(f"Expected `freeze_start` <= `freeze_end` (0.75 unless set), got "
-                                 f"freeze_start={freeze_start}, freeze_end={freeze_end}")
-        for name, value in (("freeze_stem", freeze_stem), ("frozen_eval", frozen_eval)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Expected `{name}` to be true or false, got {name}={value!r}")
+        end = 0.75 if freeze_end is None else validation.check_fraction("freeze_end", freeze_end)
+        if schedule == "window" and end < freeze_start:
+            raise ValueError(f"Expected `freeze_start` <= `freeze_end` (0.75 unless set), got "
+                             f"freeze_start={freeze_start}, freeze_end={freeze_end}")
+        validation.check_bool("freeze_stem", freeze_stem)
+        validation.check_bool("frozen_eval", frozen_eval)
         if blocks is not None and (not isinstance(blocks, str) or not blocks):
             raise ValueError(f"Expected `blocks` to be a dotted module name (e.g. 'model.blocks'), "
                              f"got blocks={blocks!r}")
@@ -90,19 +75,17 @@ class LayerFreezing(Technique):
         self.frozen_eval = frozen_eval
         self.blocks = blocks
         self.total_steps = total_steps
-
         self.units: Units | None = None
         self.stem: dict[str, nn.Parameter] = {}  # resolved at fit start (FSDP2 replaces parameters)
         self.stem_modules: list[nn.Module] = []
-        self.frozen = 0  # units frozen now
+        self.frozen = 0
         self._total: int | None = total_steps
         self._run: int | None = None  # optimizer steps of this fit
         self._trainable = 0  # parameter elements trainable at the start
 
-    # schedule ---------------------------------------------------------------------------------
     def count(self, step: int, total: int | None = None) -> int:
         """Units frozen at optimizer step ``step`` (of a run of ``total`` steps: this one's by default)."""
-        total = total if total is not None else self._total
+        total = self._total if total is None else total
         assert self.units is not None and total is not None, "LayerFreezing runs in a Trainer"
         n = len(self.units.names)
         if self.schedule == "composer":
@@ -120,18 +103,14 @@ class LayerFreezing(Technique):
         step = first_step(self.count, units, self._total)
         return self._total if step is None else step
 
-    def _unit_parameters(self, count: int) -> list[nn.Parameter]:
+    def _unit_parameters(self, count: int, stem: dict[str, nn.Parameter] | None = None) -> list[nn.Parameter]:
         assert self.units is not None
         params = [p for unit in self.units.modules[:count] for p in unit.parameters()]
-        return params + list(self.stem.values()) if count > 0 else params
+        return params + list((self.stem if stem is None else stem).values()) if count > 0 else params
 
-    # setup ------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _REFUSED:
-            raise ValueError(f"LayerFreezing does not support {strategy}: {_REFUSED[strategy]}. Use DDP or "
-                             f"ModelParallelStrategy (FSDP2)")
+        self.refuse_strategies(trainer, _REFUSED)
         self.units = find_units(pl_module, self.blocks)
 
     @override
@@ -142,9 +121,15 @@ class LayerFreezing(Technique):
             estimated = trainer.estimated_stepping_batches
             self._total = self.total_steps
             self._run = int(estimated) if math.isfinite(estimated) and estimated > 0 else self.total_steps
-        self._check_ddp(trainer)
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel) and (model.static_graph or not model.find_unused_parameters):
+            raise ValueError("LayerFreezing needs DDP with find_unused_parameters=True (and static_graph=False): "
+                             "frozen blocks stop receiving gradients after DDP wrapped the model, which DDP allows "
+                             "only when it looks for unused parameters on every step. Set strategy="
+                             "'ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), or "
+                             "DDPStrategy(find_unused_parameters=True); in YAML: trainer.strategy: {class_path: "
+                             "lightning.pytorch.strategies.DDPStrategy, init_args: {find_unused_parameters: true}}")
         assert self.units is not None
-        # the parameters as the strategy left them (FSDP2 shards them after `setup`)
         self.stem = stem_parameters(pl_module, self.units) if self.freeze_stem else {}
         frozen_ids = {id(p) for p in self.stem.values()}
         self.stem_modules = [m for m in stem_modules(pl_module, self.units).values()
@@ -162,18 +147,6 @@ class LayerFreezing(Technique):
                              f"{' and the stem' if self.stem else ''}); lower `final_fraction`")
         self._trainable = sum(p.numel() for p in trainable)
         self._warn_inactive(k)
-
-    def _check_ddp(self, trainer: Trainer) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = trainer.strategy.model
-        if isinstance(model, DistributedDataParallel) and (model.static_graph or not model.find_unused_parameters):
-            raise ValueError("LayerFreezing needs DDP with find_unused_parameters=True (and static_graph=False): "
-                             "frozen blocks stop receiving gradients after DDP wrapped the model, which DDP allows "
-                             "only when it looks for unused parameters on every step. Set strategy="
-                             "'ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), or "
-                             "DDPStrategy(find_unused_parameters=True); in YAML: trainer.strategy: {class_path: "
-                             "lightning.pytorch.strategies.DDPStrategy, init_args: {find_unused_parameters: true}}")
 
     def _warn_inactive(self, k: int) -> None:
         assert self._run is not None
@@ -201,15 +174,12 @@ class LayerFreezing(Technique):
             return
         freezable = {id(m) for unit in self.units.modules[: self.count(self._total)] for m in unit.modules()}
         for other in self.others(trainer, MaskingTechnique):
-            if not any(id(m) in freezable for m in other.targets.values()):
-                continue
-            why = other.mask_changes_after(first, self._run)
+            why = any(id(m) in freezable for m in other.targets.values()) and other.mask_changes_after(first, self._run)
             if why:
                 raise ValueError(f"{other.describe(trainer)} masks layers that {self.describe(trainer)} freezes from "
                                  f"step {first}, and {why}: frozen layers must keep their masks. Let the sparsity "
                                  f"schedule settle before `freeze_start` or exclude the frozen blocks from it")
 
-    # freezing ---------------------------------------------------------------------------------
     def _freeze(self, count: int) -> None:
         for param in self._unit_parameters(count):
             if param.requires_grad:
@@ -254,19 +224,16 @@ class LayerFreezing(Technique):
     @contextlib.contextmanager
     def plan_probe(self, trainer: Trainer, pl_module: LightningModule, state: Hashable, batch: Any) -> Iterator[None]:
         assert self.units is not None
-        count = int(state)  # type: ignore[arg-type]
-        stem = list(stem_parameters(pl_module, self.units).values()) if self.freeze_stem and count else []
-        frozen = [p for unit in self.units.modules[:count] for p in unit.parameters()] + stem
-        flags = [(p, p.requires_grad) for p in frozen]
+        stem = stem_parameters(pl_module, self.units) if self.freeze_stem else {}
+        frozen = [p for p in self._unit_parameters(int(state), stem) if p.requires_grad]  # type: ignore[arg-type]
         for p in frozen:
             p.requires_grad_(False)
         try:
             yield
         finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for p in frozen:
+                p.requires_grad_(True)
 
-    # state ------------------------------------------------------------------------------------
     @property
     @override
     def state_key(self) -> str:

@@ -14,18 +14,15 @@ from lit_eff import sparsity, validation
 from lit_eff.callbacks.masking import MaskingTechnique
 from lit_eff.callbacks.technique import log_step
 from lit_eff.sparsity import PruningSchedule
-from lit_eff.sparsity.sharded import full
 
 
 class MagnitudePruning(MaskingTechnique):
     """Prunes the smallest-magnitude weights gradually, on Zhu & Gupta's polynomial schedule.
 
     Every ``update_every`` steps from ``start_step`` to ``end_step`` (default: 3/4 of the run) the
-    sparsity steps up to :class:`lit_eff.sparsity.PruningSchedule`'s target, per layer
-    (``scope="layer"``) or with one threshold across layers (``"global"``); ``structure="nm"``
-    keeps an N:M floor and ends exactly ``n:m``. Pruned weights stay exactly zero (masked
-    gradient; weights and optimizer state zeroed at each update). Logs ``sparsity/target`` and
-    ``sparsity/actual``. The card: docs/techniques/magnitude_pruning.md.
+    sparsity steps up to :class:`lit_eff.sparsity.PruningSchedule`'s target, per layer or with one
+    threshold across layers (``scope``); ``structure="nm"`` ends exactly ``n:m``. Logs
+    ``sparsity/target`` and ``sparsity/actual``. The card: docs/techniques/magnitude_pruning.md.
 
     Example::
 
@@ -38,41 +35,29 @@ class MagnitudePruning(MaskingTechnique):
     ste = False
     _key_fields = ("final_sparsity", "scope", "structure")
 
-    def __init__(
-        self,
-        final_sparsity: float,
-        initial_sparsity: float = 0.0,
-        start_step: int = 0,
-        end_step: int | None = None,
-        update_every: int = 100,
-        power: float = 3.0,
-        scope: Literal["layer", "global"] = "layer",
-        structure: Literal["unstructured", "nm"] = "unstructured",
-        n: int = 2,
-        m: int = 4,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        layers: list[Literal["linear", "conv"]] | None = None,
-        on_nonfinite: Literal["raise", "warn"] = "raise",
-    ) -> None:
+    def __init__(self, final_sparsity: float, initial_sparsity: float = 0.0, start_step: int = 0,
+                 end_step: int | None = None, update_every: int = 100, power: float = 3.0,
+                 scope: Literal["layer", "global"] = "layer", structure: Literal["unstructured", "nm"] = "unstructured",
+                 n: int = 2, m: int = 4, include: list[str] | None = None, exclude: list[str] | None = None,
+                 layers: list[Literal["linear", "conv"]] | None = None,
+                 on_nonfinite: Literal["raise", "warn"] = "raise") -> None:
         super().__init__(include, exclude, layers, on_nonfinite)
-        validation.check_sparsity(final_sparsity, "final_sparsity")
-        validation.check_sparsity(initial_sparsity, "initial_sparsity")
+        self.final_sparsity = validation.check_sparsity(final_sparsity, "final_sparsity")
+        self.initial_sparsity = validation.check_sparsity(initial_sparsity, "initial_sparsity")
         if initial_sparsity > final_sparsity:
             raise ValueError(f"Expected `initial_sparsity` <= `final_sparsity`, got "
                              f"initial_sparsity={initial_sparsity}, final_sparsity={final_sparsity}")
         validation.check_int("start_step", start_step)
         validation.check_int("end_step", end_step, minimum=1, allow_none=True)
         validation.check_int("update_every", update_every, minimum=1)
-        validation.check_number("power", power, 0.0, low_open=True)
+        self.power = validation.check_number("power", power, 0.0, low_open=True)
         validation.check_choice("scope", scope, ["layer", "global"])
         validation.check_choice("structure", structure, ["unstructured", "nm"])
         validation.check_nm(n, m)
         if structure == "nm" and not math.isclose(final_sparsity, 1 - n / m, abs_tol=1e-9):
             raise ValueError(f"Expected `final_sparsity` = 1 - n/m = {1 - n / m:g} with structure='nm' (the final mask "
                              f"is exactly n:m), got final_sparsity={final_sparsity}, n={n}, m={m}")
-        self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
-        self.start_step, self.end_step, self.update_every, self.power = start_step, end_step, update_every, float(power)
+        self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
         self.scope, self.structure, self.n, self.m = scope, structure, n, m
         self.schedule = None if end_step is None else self._schedule(end_step)
         self._last_update: int | None = None  # the update step the masks were last computed for
@@ -90,15 +75,10 @@ class MagnitudePruning(MaskingTechnique):
         schedule = self.schedule if self.end_step is not None else self._schedule(max(1, int(0.75 * total)))
         return dict.fromkeys(self.targets, 1.0 - schedule.target(step))
 
-    # the schedule --------------------------------------------------------------------------------
     def _sched(self) -> PruningSchedule:
         if self.schedule is None:
             raise RuntimeError("MagnitudePruning.end_step is not resolved yet: pass `end_step` or run it in a Trainer")
         return self.schedule
-
-    @property
-    def _end(self) -> int | None:
-        return None if self.schedule is None else self.schedule.end_step
 
     def update_step(self, step: int) -> int | None:
         """The last update step ``<= step`` (``None`` before ``start_step``)."""
@@ -110,21 +90,15 @@ class MagnitudePruning(MaskingTechnique):
 
     @override
     def mask_changes_after(self, step: int, total_steps: int) -> str | None:
-        schedule = self._sched()
-        last = schedule.last_update(total_steps)
+        last = self._sched().last_update(total_steps)
         if last is None or last <= step:
             return None
-        return f"it updates masks until step {last} (end_step={schedule.end_step})"
+        return f"it updates masks until step {last} (end_step={self.schedule.end_step})"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
-        for name, module in targets.items():
-            inputs = module.weight.shape[1]  # groups run along input features / channels
-            if self.structure == "nm" and inputs % self.m:
-                raise ValueError(f"Expected `m` to divide the input size of layer `{name}` (weight shape "
-                                 f"{tuple(module.weight.shape)}), got m={self.m} for {inputs} inputs; "
-                                 f"exclude it (exclude=[{name!r}]) or choose another `m`")
+        if self.structure == "nm":
+            self.check_group_sizes(targets, {self.m: ""})
 
     @override
     def attached(self) -> None:
@@ -144,7 +118,6 @@ class MagnitudePruning(MaskingTechnique):
             validation.warn_inactive(self.name, "end_step", self.schedule.end_step, run,
                                      f"the run ends before `final_sparsity`={self.final_sparsity:g} is reached")
 
-    # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _update(self, trainer: Trainer, step: int) -> None:
         """New masks at the sparsity scheduled for ``step``, from the current weights."""
@@ -171,19 +144,17 @@ class MagnitudePruning(MaskingTechnique):
 
     @torch.no_grad()
     def _actual(self) -> float:
-        """The fraction of zeros among the targeted dense weights, counted."""
-        weights = [full(w) for w in self.group.weights]
+        """The counted fraction of zeros among the targeted dense weights."""
+        weights = self.group.full_weights()
         zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
         return float(zeros) / sum(w.numel() for w in weights)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
-        return {"end_step": self._end, "last_update": self._last_update}
+        return {"end_step": None if self.schedule is None else self.schedule.end_step, "last_update": self._last_update}
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
-        last_update = state.get("last_update")
-        self._last_update = None if last_update is None else int(last_update)
+        self._last_update = None if state.get("last_update") is None else int(state["last_update"])
         if self.end_step is None and state.get("end_step") is not None:
             self.schedule = self._schedule(int(state["end_step"]))

@@ -1,27 +1,19 @@
 """The base of the weight-sparsity callbacks.
 
-Other techniques talk to sparsity callbacks only through this interface:
+Other techniques see a sparsity callback only through ``targets`` (``{name: module}`` of the
+layers whose ``weight`` it masks, names without compile wrappers, filled at ``setup``) and
+:meth:`MaskingTechnique.mask_changes_after`. A subclass adds its schedule and mask rule; the base
+calls them from these hooks:
 
-- ``targets``: ``{name: module}`` of the layers whose ``weight`` the callback masks (names
-  without compile wrappers), filled at ``setup``;
-- :meth:`MaskingTechnique.mask_changes_after`: whether the masks (or anything else that shapes
-  the effective weights, like β) can still change from a given optimizer step on.
-
-The base does what every sparsity callback needs, so a subclass only adds its schedule and its
-mask rule (:meth:`~MaskingTechnique.resolve`, :meth:`~MaskingTechnique.start`,
-:meth:`~MaskingTechnique.after_step`):
-
-- ``setup``: targets by layer kind (``layers``) and name globs (``include``/``exclude``); a
-  weight another :class:`MaskingTechnique` masks is refused, naming both; all-ones masks are
-  attached before the strategy wraps or shards the model and before a checkpoint loads. In
-  ``validate``/``test``/``predict`` that is all that happens (the checkpoint brings the masks).
-- ``on_fit_start``: the schedule is fixed for the run length and checked over the whole run.
-- ``on_train_start`` (weights, optimizer and step restored): masks for the current step.
-- once per optimizer step (``on_train_batch_end`` after a step): the subclass's work; after a
+- ``setup``: targets by ``layers`` and ``include``/``exclude`` globs (a weight another
+  :class:`MaskingTechnique` masks is refused); all-ones masks are attached before the strategy wraps
+  or shards the model and before a checkpoint loads. That is all in ``validate``/``test``/``predict``.
+- ``on_fit_start``: :meth:`~MaskingTechnique.resolve` fixes the schedule for the run length.
+- ``on_train_start`` (weights, optimizer and step restored): :meth:`~MaskingTechnique.start`.
+- once per optimizer step (``on_train_batch_end``): :meth:`~MaskingTechnique.after_step`; after a
   mask change and on logging steps, a fused check that the masked weights are finite
   (``on_nonfinite``), read one step later so it never waits on the device.
-- ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights,
-  so the main process receives the effective weights.
+- ``teardown`` of ``fit`` in a ``ddp_spawn`` worker: masks are hardened into plain weights.
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -36,6 +29,7 @@ from typing_extensions import override
 
 from lit_eff import sparsity, validation
 from lit_eff.callbacks.technique import Technique, logs_this_step
+from lit_eff.seeding import generator, run_seed
 from lit_eff.sparsity.sharded import is_sharded
 
 __all__ = ["MaskingTechnique"]
@@ -70,16 +64,16 @@ class MaskingTechnique(Technique):
         self.on_nonfinite = on_nonfinite
         self.targets: dict[str, nn.Module] = {}
         self.group: sparsity.MaskGroup | None = None
+        self._drawn = False  # draw() set the initial masks (subclasses keep the flag in their checkpoint state)
         self._pending: tuple[int, torch.Tensor] | None = None  # a step's finite flag, read one step later
         self._checked = -1  # the MaskGroup version last checked
         self._warned: set[str] = set()
 
     # the interface -----------------------------------------------------------------------------
     def mask_changes_after(self, step: int, total_steps: int) -> str | None:
-        """``None`` if the masks and β that forward uses at optimizer step ``step`` stay in force
-        for the rest of a run of ``total_steps`` (masks derived from the weights, like N:M, count
-        as unchanged while the weights do not change); otherwise why not, for messages, e.g.
-        ``"it updates masks until step 900"``. Valid from ``on_fit_start`` on."""
+        """``None`` if the masks and β forward uses at optimizer step ``step`` stay in force for the rest
+        of a ``total_steps`` run (weight-derived masks like N:M count as unchanged while the weights are);
+        otherwise why not, e.g. ``"it updates masks until step 900"``. Valid from ``on_fit_start`` on."""
         raise NotImplementedError
 
     # what subclasses add -----------------------------------------------------------------------
@@ -99,16 +93,40 @@ class MaskingTechnique(Technique):
         """Work after the optimizer step that reached ``step`` (once per optimizer step)."""
 
     def plan_densities(self, step: int, total: int) -> dict[str, float] | None:
-        """Each target's density while step ``step`` of a ``total``-step run trains, as the
-        schedule says (a FLOPs budget on sparse-effective FLOPs plans with it); ``None``: unknown."""
+        """Each target's density at ``step`` of a ``total``-step run, for FLOPs budgets (``None``: unknown)."""
         return None
 
     # shared work -------------------------------------------------------------------------------
     def enforce(self, trainer: Trainer) -> None:
-        """Zero the dense weights and their optimizer state at pruned positions (at the start and
-        when masks change). With the plain masked gradient (``ste=False``) nothing is needed in
-        between: pruned positions get an exact 0 gradient, so their moments and updates stay 0."""
+        """Zero the dense weights and their optimizer state at pruned positions (at the start and when
+        masks change; with ``ste=False`` pruned positions then get exact 0 gradients, moments and updates)."""
         self.group.zero_pruned(trainer.optimizers)
+
+    @torch.no_grad()
+    def draw(self, densities: dict[str, float], tag: str, magnitude: bool = False) -> None:
+        """Initial masks keeping ``round(density · size)`` weights of each target: at random, the same on
+        every rank (``tag`` keys the seed), or the largest ``|W|`` (``magnitude``)."""
+        names, params = self.group.names, self.group.params
+        if magnitude:
+            masks = [sparsity.magnitude_mask(w, 1.0 - densities[n]) for n, w in zip(names, self.group.full_weights())]
+        else:
+            masks = [sparsity.random_mask(p.mask.shape, densities[n], generator(run_seed(), tag, n))
+                     for n, p in zip(names, params)]
+        sizes = [p.mask.numel() for p in params]
+        self.group.set_masks([mask.to(p.mask.device) for mask, p in zip(masks, params)],
+                             density=[round(densities[n] * size) / size for n, size in zip(names, sizes)])
+        self._drawn = True
+
+    @staticmethod
+    def check_group_sizes(targets: dict[str, nn.Module], sizes: dict[int, str]) -> None:
+        """Raise unless each N:M group size (``{m: note}``) divides every target's input size."""
+        for name, module in targets.items():
+            inputs = module.weight.shape[1]  # groups run along input features / channels
+            for m, note in sorted(sizes.items()):
+                if inputs % m:
+                    raise ValueError(f"Expected `m` to divide the input size of layer `{name}` (weight shape "
+                                     f"{tuple(module.weight.shape)}), got m={m}{note} for {inputs} inputs; "
+                                     f"exclude it (exclude=[{name!r}]) or choose another `m`")
 
     def known_length(self, trainer: Trainer) -> int | None:
         """The run's optimizer steps, or ``None`` when the trainer cannot tell."""
@@ -172,9 +190,8 @@ class MaskingTechnique(Technique):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # The masks stay on the model (they are the trained state; lit_eff.sparsity.export hardens
-        # them). In a ddp_spawn worker, Lightning hands the main process only the state dict, which
-        # a model without masks would load partly: harden them so it gets the effective weights.
+        # The masks stay on the model (lit_eff.sparsity.export hardens them). A ddp_spawn worker hands the
+        # main process only the state dict, which its model without masks would load partly: harden them.
         if stage == "fit" and self.in_worker_process():
             for module in self.targets.values():
                 if sparsity.has_mask(module):
@@ -182,28 +199,29 @@ class MaskingTechnique(Technique):
             self.group = None
 
     def finite_flag(self, trainer: Trainer) -> torch.Tensor | None:
-        """A bool per target: whether its weights are all finite now, read one step later
-        (``None``: not checked this step). Checked after every mask change (every step for N:M)
-        and on the steps Lightning logs."""
+        """Whether each target's weights are all finite now, read one step later (``None``: not checked):
+        checked after every mask change (every step for N:M) and on the steps Lightning logs."""
         if self.group.version == self._checked and not logs_this_step(trainer):
             return None
         self._checked = self.group.version
         return self._finite_now()
 
     def _finite_now(self) -> torch.Tensor:
-        flags = self.group.finite()
-        return _all_ranks(flags) if self._sharded() else flags
+        return self._on_all_ranks(self.group.finite())
 
-    def _sharded(self) -> bool:
-        return any(is_sharded(w) for w in self.group.weights)
+    def _on_all_ranks(self, flags: torch.Tensor) -> torch.Tensor:
+        """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
+        if not any(is_sharded(w) for w in self.group.weights):
+            return flags
+        values = flags.to(torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return values.bool()
 
     def _nonfinite(self, step: int, flags: torch.Tensor) -> None:
         flagged = [i for i, ok in enumerate(flags.tolist()) if not ok]
         if not flagged:
             return
-        exact = torch.tensor([self.group.all_finite(i) for i in flagged])  # the fast check can overflow
-        if self._sharded():
-            exact = _all_ranks(exact)
+        exact = self._on_all_ranks(torch.tensor([self.group.all_finite(i) for i in flagged]))  # fast check can overflow
         bad = [self.group.names[i] for i, ok in zip(flagged, exact.tolist()) if not ok]
         if not bad or (self.on_nonfinite == "warn" and self._warned.issuperset(bad)):
             return
@@ -222,12 +240,3 @@ class MaskingTechnique(Technique):
         # two instances on different layers of one model keep separate checkpoint entries
         return self._generate_state_key(**{f: getattr(self, f) for f in self._key_fields}, include=self.include,
                                         exclude=self.exclude)
-
-
-def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
-    """Under FSDP2 each rank checks its own shards: a layer is finite only if it is on every rank."""
-    import torch.distributed as dist
-
-    values = flags.to(torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    return values.bool()

@@ -18,13 +18,11 @@ from lit_eff.sparsity import NMSchedule, nm_frames
 class NMSparsity(MaskingTechnique):
     """Trains with N:M sparse weights: ``n`` of every ``m`` consecutive input weights kept.
 
-    Each targeted layer's weight reads ``W ⊙ (E + β(1−E))`` in forward, ``E`` the N:M mask of
-    ``|W|`` (recomputed after every optimizer step), with a straight-through gradient to all of
-    ``W``; ``method`` is ``"ste"``, ``"srste"`` (adds ``λ(1−E)⊙W`` to the gradient) or
-    ``"mask_decay"`` (β decays from 1 to 0). Warm-up, structure decay and fine-tune phases follow
-    :class:`lit_eff.sparsity.NMSchedule`. ``update_every`` > 1 recomputes the masks only every that
-    many optimizer steps (and when the N:M frame changes): cheaper, no longer exact. Logs ``sparsity/{beta,n,m,density}``. The card:
-    docs/techniques/nm_sparsity.md.
+    Forward reads ``W ⊙ (E + β(1−E))``, ``E`` the N:M mask of ``|W|`` recomputed every ``update_every``
+    optimizer steps (and when the frame changes), with a straight-through gradient;
+    ``method`` is ``"ste"``, ``"srste"`` (adds ``λ(1−E)⊙W`` to the gradient) or ``"mask_decay"`` (β decays
+    from 1 to 0). Phases follow :class:`lit_eff.sparsity.NMSchedule`. Logs ``sparsity/{beta,n,m,density}``.
+    The card: docs/techniques/nm_sparsity.md.
 
     Example::
 
@@ -37,31 +35,19 @@ class NMSparsity(MaskingTechnique):
     ste = True
     _key_fields = ("n", "m", "method")
 
-    def __init__(
-        self,
-        n: int = 2,
-        m: int = 4,
-        method: Literal["ste", "srste", "mask_decay"] = "srste",
-        srste_lambda: float = 2e-4,
-        decay: Literal["linear", "exp"] = "exp",
-        decay_rate: float = 2e-4,
-        structure_decay: Literal["none", "stepwise", "geometric"] = "none",
-        dense_steps: int = 0,
-        finetune_steps: int = 0,
-        total_steps: int | None = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        layers: list[Literal["linear", "conv"]] | None = None,
-        on_nonfinite: Literal["raise", "warn"] = "raise",
-        update_every: int = 1,
-    ) -> None:
+    def __init__(self, n: int = 2, m: int = 4, method: Literal["ste", "srste", "mask_decay"] = "srste",
+                 srste_lambda: float = 2e-4, decay: Literal["linear", "exp"] = "exp", decay_rate: float = 2e-4,
+                 structure_decay: Literal["none", "stepwise", "geometric"] = "none", dense_steps: int = 0,
+                 finetune_steps: int = 0, total_steps: int | None = None, include: list[str] | None = None,
+                 exclude: list[str] | None = None, layers: list[Literal["linear", "conv"]] | None = None,
+                 on_nonfinite: Literal["raise", "warn"] = "raise", update_every: int = 1) -> None:
         super().__init__(include, exclude, layers, on_nonfinite)
         validation.check_nm(n, m)
         validation.check_choice("method", method, ["ste", "srste", "mask_decay"])
         validation.check_choice("decay", decay, ["linear", "exp"])
         validation.check_choice("structure_decay", structure_decay, ["none", "stepwise", "geometric"])
-        validation.check_number("srste_lambda", srste_lambda, 0.0)
-        validation.check_number("decay_rate", decay_rate, 0.0, low_open=True)
+        self.srste_lambda = validation.check_number("srste_lambda", srste_lambda, 0.0)
+        self.decay_rate = validation.check_number("decay_rate", decay_rate, 0.0, low_open=True)
         validation.check_int("dense_steps", dense_steps)
         validation.check_int("finetune_steps", finetune_steps)
         validation.check_int("total_steps", total_steps, minimum=1, allow_none=True)
@@ -69,9 +55,8 @@ class NMSparsity(MaskingTechnique):
         if structure_decay == "stepwise" and (m % n or (m // n) & (m // n - 1)):
             raise ValueError(f"Expected `m / n` to be a power of 2 with structure_decay='stepwise' "
                              f"(frames (m-1):m, m/2:m, ..., n:m), got n={n}, m={m}")
-        self.n, self.m, self.method = n, m, method
-        self.srste_lambda, self.decay, self.decay_rate = float(srste_lambda), decay, float(decay_rate)
-        self.structure_decay, self.dense_steps, self.finetune_steps = structure_decay, dense_steps, finetune_steps
+        self.n, self.m, self.method, self.decay, self.structure_decay = n, m, method, decay, structure_decay
+        self.dense_steps, self.finetune_steps = dense_steps, finetune_steps
         self.total_steps, self.update_every = total_steps, update_every
         self.schedule: NMSchedule | None = None if total_steps is None else self._schedule(total_steps)
         self._current: tuple[float, int, int, float] = (1.0, m, m, 1.0)  # beta, n, m, density in force
@@ -80,7 +65,6 @@ class NMSparsity(MaskingTechnique):
         return NMSchedule(self.n, self.m, total_steps, self.method, self.decay, self.decay_rate,
                           self.structure_decay, self.dense_steps, self.finetune_steps)
 
-    # the schedule (functions of the optimizer step) ----------------------------------------------
     def _sched(self) -> NMSchedule:
         if self.schedule is None:
             raise RuntimeError("NMSparsity.total_steps is not resolved yet: pass `total_steps` or run it in a Trainer")
@@ -114,20 +98,12 @@ class NMSparsity(MaskingTechnique):
         total = max(self.total_steps or total, self.dense_steps + self.finetune_steps)  # shorter runs fail at fit
         if getattr(self, "_planned", (None,))[0] != total:
             self._planned = (total, self._schedule(total))
-        density = self._planned[1].density(step)
-        return dict.fromkeys(self.targets, density)
+        return dict.fromkeys(self.targets, self._planned[1].density(step))
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
-        for name, module in targets.items():
-            inputs = module.weight.shape[1]  # groups run along input features / channels
-            for m in sorted({m for _, m in self.frames()} | {self.m}):
-                if inputs % m:
-                    frame = "" if m == self.m else f" (a {self.structure_decay} structure-decay frame)"
-                    raise ValueError(f"Expected `m` to divide the input size of layer `{name}` (weight shape "
-                                     f"{tuple(module.weight.shape)}), got m={m}{frame} for {inputs} inputs; "
-                                     f"exclude it (exclude=[{name!r}]) or choose another `m`")
+        frame = f" (a {self.structure_decay} structure-decay frame)"
+        self.check_group_sizes(targets, {m: frame for _, m in self.frames()} | {self.m: ""})
 
     @override
     def resolve(self, trainer: Trainer) -> None:
@@ -135,36 +111,29 @@ class NMSparsity(MaskingTechnique):
         if self.schedule is None:
             self.schedule = self._schedule(self.total_steps or self.run_length(
                 trainer, "set `total_steps` or trainer.max_steps"))
-        schedule = self.schedule
         if run is None:
             return
-        if schedule.dense_steps >= run:
+        sparse_from = self.schedule.total_steps - self.finetune_steps  # n:m with β = 0 from here on
+        if self.dense_steps >= run:
             validation.warn_inactive(self.name, "dense_steps", self.dense_steps, run, "the whole run trains dense")
-        elif schedule.total_steps - schedule.finetune_steps > run:
-            validation.warn_inactive(self.name, "total_steps", schedule.total_steps, run,
-                                     f"the schedule reaches {self.n}:{self.m} with β = 0 only at step "
-                                     f"{schedule.total_steps - schedule.finetune_steps}")
+        elif sparse_from > run:
+            validation.warn_inactive(self.name, "total_steps", self.schedule.total_steps, run,
+                                     f"the schedule reaches {self.n}:{self.m} with β = 0 only at step {sparse_from}")
 
-    # masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _apply(self, step: int, start: bool = False) -> None:
-        """Masks, β and reported density for ``step``, from the current weights (all layers
-        ranked in one batch; with ``update_every`` > 1 only on those steps or when the frame
-        changes)."""
+        """Masks (from the current weights, all layers at once), β and reported density for ``step``."""
         schedule = self._sched()
         (n, m), beta = schedule.frame(step), schedule.beta(step)
+        # a new frame; at the start: masks of another density (fresh all-ones ones; loaded ones stay)
+        new_frame = any(p._density != n / m for p in self.group.params) if start else (n, m) != self._current[1:3]
         if n == m:
             if any(p._density != 1.0 for p in self.group.params):
                 self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
-        elif step % self.update_every == 0 or self._frame_changed(n, m, start):
+        elif step % self.update_every == 0 or new_frame:
             self.group.set_nm_masks(n, m)
         self.group.set_beta(beta)
         self._current = (beta, n, m, schedule.density(step))
-
-    def _frame_changed(self, n: int, m: int, start: bool) -> bool:
-        if start:  # masks of another frame (fresh all-ones ones); masks loaded from a checkpoint stay
-            return any(p._density != n / m for p in self.group.params)
-        return (n, m) != self._current[1:3]
 
     @override
     def start(self, trainer: Trainer) -> None:
@@ -182,7 +151,6 @@ class NMSparsity(MaskingTechnique):
                                       "sparsity/density": density})
         self._apply(step)
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"total_steps": None if self.schedule is None else self.schedule.total_steps}
@@ -192,4 +160,3 @@ class NMSparsity(MaskingTechnique):
         total = state.get("total_steps")
         if self.total_steps is None and total is not None:
             self.schedule = self._schedule(int(total))
-

@@ -10,18 +10,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lit_eff import sparsity, validation
-from lit_eff.callbacks.masking import MaskingTechnique
+from lit_eff.callbacks.nm_sparsity import NMSparsity
 from lit_eff.callbacks.technique import Technique
 
 
 class SparsityMonitor(Technique):
-    """Logs the sparsity of every masked layer (any lit_eff sparsity technique) every
-    ``log_every_n_steps`` optimizer steps: ``sparsity/global`` (zeros in the weights forward
-    uses), ``sparsity/mask_global`` (positions the masks prune), ``sparsity/flip_rate`` (mask
-    positions changed since the last log) and ``sparsity/layers/<layer>`` (``per_layer``). With a
-    TensorBoard logger, every ``image_every_n_steps`` steps: a bar chart of each layer's density
-    and a zoomed corner of the first masked layer's mask, N:M groups outlined. The card:
-    docs/techniques/sparsity_monitor.md.
+    """Logs the sparsity of every masked layer (any lit_eff sparsity technique) under ``sparsity/``, and with
+    a TensorBoard logger a density chart and a mask pattern (docs/techniques/sparsity_monitor.md).
+
+    Args:
+        log_every_n_steps: optimizer steps between logs.
+        per_layer: also log each layer's sparsity (``sparsity/layers/<layer>``).
+        image_every_n_steps: optimizer steps between pictures (TensorBoard only).
 
     Example::
 
@@ -35,9 +35,8 @@ class SparsityMonitor(Technique):
         super().__init__()
         validation.check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         validation.check_int("image_every_n_steps", image_every_n_steps, minimum=1)
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps, self.image_every_n_steps = log_every_n_steps, image_every_n_steps
         self.per_layer = per_layer
-        self.image_every_n_steps = image_every_n_steps
         self.last: dict[str, float] = {}
         self.densities: dict[str, float] = {}  # per layer, at the last log: nonzero fraction of what forward uses
         self._previous: dict[str, torch.Tensor] = {}
@@ -52,9 +51,8 @@ class SparsityMonitor(Technique):
         for name, module in layers.items():
             weight = sparsity.effective_weight(module)  # what forward uses (gathered under FSDP2)
             mask = sparsity.get_mask(module)
-            previous = self._previous.get(name)
-            flips = (previous.to(mask.device) != mask).sum() if previous is not None and previous.shape == mask.shape \
-                else torch.zeros((), dtype=torch.long, device=mask.device)
+            previous = self._previous.get(name, mask).to(mask.device)  # first measure: no flips
+            flips = (previous != mask).sum() if previous.shape == mask.shape else mask.new_zeros((), dtype=torch.long)
             counts.append(torch.stack([(weight == 0).sum(), (~mask).sum(), flips]).cpu())
             sizes.append(weight.numel())
             self._previous[name] = mask.detach().to("cpu", copy=True)
@@ -97,10 +95,8 @@ class SparsityMonitor(Technique):
 
     def _group_size(self, trainer: Trainer, module: torch.nn.Module) -> int | None:
         """``m`` of the N:M frame in force, if an N:M technique masks ``module``."""
-        from lit_eff.callbacks.nm_sparsity import NMSparsity
-
-        for cb in self.others(trainer, MaskingTechnique):
-            if isinstance(cb, NMSparsity) and any(t is module for t in cb.targets.values()):
+        for cb in self.others(trainer, NMSparsity):
+            if any(t is module for t in cb.targets.values()):
                 return cb.frame(trainer.global_step)[1]
         return None
 

@@ -12,17 +12,14 @@ from typing_extensions import override
 from lit_eff import sparsity, validation
 from lit_eff.callbacks.masking import MaskingTechnique
 from lit_eff.callbacks.technique import log_step
-from lit_eff.seeding import generator, run_seed
 
 
 class StaticSparsity(MaskingTechnique):
     """A fixed mask from the start; at ``release_step`` the mask goes and all weights learn (SPDF).
 
-    At the start of training each layer gets one mask at its density (``uniform`` or ``erk``):
-    random (the same on every rank) or the largest ``|W|`` of the weights the model starts with.
-    Pruned weights stay exactly zero. After the optimizer step that reaches ``release_step`` (or
-    ``release_fraction`` of the run) the masks become all ones and every weight trains; without
-    either the model stays sparse (fine-tune in a second run). Logs ``sparsity/target`` and
+    Each layer gets one mask at its density (``uniform`` or ``erk``), random or the largest initial
+    ``|W|``. After the optimizer step that reaches ``release_step`` (or ``release_fraction`` of the run)
+    every weight trains; without either the model stays sparse. Logs ``sparsity/target`` and
     ``sparsity/released``. The card: docs/techniques/spdf.md.
 
     Example::
@@ -36,20 +33,13 @@ class StaticSparsity(MaskingTechnique):
     ste = False
     _key_fields = ("sparsity", "mask", "distribution")
 
-    def __init__(
-        self,
-        sparsity: float = 0.75,
-        mask: Literal["random", "magnitude"] = "random",
-        distribution: Literal["uniform", "erk"] = "uniform",
-        release_step: int | None = None,
-        release_fraction: float | None = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        layers: list[Literal["linear", "conv"]] | None = None,
-        on_nonfinite: Literal["raise", "warn"] = "raise",
-    ) -> None:
+    def __init__(self, sparsity: float = 0.75, mask: Literal["random", "magnitude"] = "random",
+                 distribution: Literal["uniform", "erk"] = "uniform", release_step: int | None = None,
+                 release_fraction: float | None = None, include: list[str] | None = None,
+                 exclude: list[str] | None = None, layers: list[Literal["linear", "conv"]] | None = None,
+                 on_nonfinite: Literal["raise", "warn"] = "raise") -> None:
         super().__init__(include, exclude, layers, on_nonfinite)
-        validation.check_sparsity(sparsity)
+        self.sparsity = validation.check_sparsity(sparsity)
         validation.check_choice("mask", mask, ["random", "magnitude"])
         validation.check_choice("distribution", distribution, ["uniform", "erk"])
         validation.check_int("release_step", release_step, minimum=1, allow_none=True)
@@ -58,12 +48,10 @@ class StaticSparsity(MaskingTechnique):
         if release_step is not None and release_fraction is not None:
             raise ValueError(f"Expected at most one of `release_step` and `release_fraction`, got "
                              f"release_step={release_step}, release_fraction={release_fraction}")
-        self.sparsity, self.mask, self.distribution = float(sparsity), mask, distribution
-        self.release_step = release_step
+        self.mask, self.distribution, self.release_step = mask, distribution, release_step
         self.release_fraction = None if release_fraction is None else float(release_fraction)
         self.densities: dict[str, float] = {}
         self._release: int | None = release_step  # resolved release step
-        self._drawn = False  # the initial masks are set (and in the checkpoint)
         self.released = False
         self._released_at: int | None = None
 
@@ -79,7 +67,6 @@ class StaticSparsity(MaskingTechnique):
             return None
         return f"it releases its masks at step {release}"
 
-    # setup and schedule ------------------------------------------------------------------------
     @override
     def check_targets(self, targets: dict[str, nn.Module]) -> None:
         shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
@@ -108,42 +95,25 @@ class StaticSparsity(MaskingTechnique):
         released = release is not None and step >= release
         return {name: 1.0 if released else self.densities[name] for name in self.targets}
 
-    # masks -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _draw(self) -> None:
-        masks = []
-        for name, weight, p in zip(self.group.names, self.group.full_weights(), self.group.params):
-            density = self.densities[name]
-            if self.mask == "random":
-                masks.append(sparsity.random_mask(p.mask.shape, density, generator(run_seed(), "spdf-init", name))
-                             .to(p.mask.device))
-            else:
-                masks.append(sparsity.magnitude_mask(weight, 1.0 - density).to(p.mask.device))
-        self.group.set_masks(masks, density=[round(self.densities[n] * m.numel()) / m.numel()
-                                             for n, m in zip(self.group.names, masks)])
-        self._drawn = True
-
-    def _release_masks(self, step: int) -> None:
-        self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
-        self.released, self._released_at = True, step
+    def _release_if_due(self, step: int) -> None:
+        if not self.released and self._release is not None and step >= self._release:
+            self.group.set_masks([torch.ones_like(p.mask) for p in self.group.params], density=1.0)
+            self.released, self._released_at = True, step
 
     @override
     def start(self, trainer: Trainer) -> None:
         if not self._drawn:
-            self._draw()
+            self.draw(self.densities, "spdf-init", magnitude=self.mask == "magnitude")
         if not self.released:
             self.enforce(trainer)
-            if self._release is not None and trainer.global_step >= self._release:
-                self._release_masks(trainer.global_step)
+        self._release_if_due(trainer.global_step)
 
     @override
     def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if not self.released and self._release is not None and step >= self._release:
-            self._release_masks(step)
+        self._release_if_due(step)
         log_step(trainer, pl_module, {"sparsity/target": 0.0 if self.released else self.sparsity,
                                       "sparsity/released": float(self.released)})
 
-    # state ---------------------------------------------------------------------------------------
     @override
     def technique_state(self) -> dict[str, Any]:
         return {"release_step": self._release, "drawn": self._drawn, "released": self.released,
@@ -155,5 +125,4 @@ class StaticSparsity(MaskingTechnique):
             self._release = int(state["release_step"])
         self._drawn = bool(state.get("drawn", True))  # a saved state comes from a started run
         self.released = bool(state.get("released", False))
-        released_at = state.get("released_at")
-        self._released_at = None if released_at is None else int(released_at)
+        self._released_at = None if state.get("released_at") is None else int(state["released_at"])

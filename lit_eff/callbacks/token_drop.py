@@ -15,23 +15,16 @@ from lit_eff.tokens.select import SCORES
 
 
 class TokenDrop(TokenCallback):
-    """Keeps a shrinking share of the patch tokens at chosen blocks and physically removes the
-    rest, so every later block, the final norm and the pooling run on fewer tokens (PyramidDrop;
+    """Keeps a shrinking share of the patch tokens at chosen blocks and removes the rest, so every
+    later block, the final norm and the pooling run on fewer tokens (PyramidDrop; vision only;
     :mod:`lit_eff.tokens.drop`; docs/techniques/token_drop.md).
-
-    At ``blocks[i]`` the top ``⌊N₀·keep_ratios[i]⌋`` patch tokens (N₀: patch tokens at the first
-    block) are kept in their original order; prefix tokens always stay. Vision only: a causal
-    language model cannot lose tokens for good (use :class:`TokenSkip`).
 
     Args:
         blocks: block indices where a stage starts, strictly increasing; ``None``: the middle block.
-        keep_ratios: fraction of the original patch tokens kept from each stage on, in (0, 1];
-            numbers or Schedules of the optimizer step, one per block.
-        score: ``"attn"`` (attention of the query token, from the block's own q/k), ``"cosine"``,
-            ``"norm"`` or ``"random"`` (the same draw on every DDP rank).
+        keep_ratios: fraction of the patch tokens kept from each stage on, in (0, 1]; numbers or Schedules.
+        score: ``"attn"`` (attention of the query token), ``"cosine"``, ``"norm"`` or ``"random"``.
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
-        query: ``"auto"``, ``"cls"`` or ``"mean"``: the token whose view scores the others
-            (``"auto"``: the mean token for average-pooled models or without a class token).
+        query: the token scoring the others: ``"cls"``, ``"mean"`` or ``"auto"`` (mean if pooled or no class token).
 
     Example (keep 1 -> 0.5 -> 0.25 at a third and two thirds of a 12-block ViT)::
 
@@ -44,19 +37,16 @@ class TokenDrop(TokenCallback):
     kind = "drops tokens at"
     changes_length = True
 
-    def __init__(
-        self,
-        blocks: list[int] | None = None,
-        keep_ratios: list[float | Schedule] | None = None,
-        score: Literal["attn", "cosine", "norm", "random"] = "attn",
-        apply_in: Literal["train", "eval", "both"] = "both",
-        query: Literal["auto", "cls", "mean"] = "auto",
-    ) -> None:
+    def __init__(self, blocks: list[int] | None = None, keep_ratios: list[float | Schedule] | None = None,
+                 score: Literal["attn", "cosine", "norm", "random"] = "attn",
+                 apply_in: Literal["train", "eval", "both"] = "both",
+                 query: Literal["auto", "cls", "mean"] = "auto") -> None:
         super().__init__()
-        check_blocks("blocks", blocks)
+        self.blocks = check_blocks("blocks", blocks)
         keep_ratios = [0.5] if keep_ratios is None else keep_ratios
-        if isinstance(keep_ratios, (str, bytes)) or not isinstance(keep_ratios, (list, tuple)) or not keep_ratios:
-            raise ValueError(f"Expected `keep_ratios` to be a non-empty list of fractions, got keep_ratios={keep_ratios!r}")
+        if not isinstance(keep_ratios, (list, tuple)) or not keep_ratios:
+            raise ValueError("Expected `keep_ratios` to be a non-empty list of fractions, "
+                             f"got keep_ratios={keep_ratios!r}")
         for ratio in keep_ratios:
             check_fraction("keep_ratios", ratio)
         if blocks is not None and len(blocks) != len(keep_ratios):
@@ -68,18 +58,13 @@ class TokenDrop(TokenCallback):
         validation.check_choice("score", score, SCORES)
         validation.check_choice("apply_in", apply_in, MODES)
         validation.check_choice("query", query, QUERIES)
-        self.blocks = None if blocks is None else list(blocks)
         self.keep_ratios = list(keep_ratios)
-        self.score = score
-        self.apply_in = apply_in
-        self.query = query
+        self.score, self.apply_in, self.query = score, apply_in, query
 
-    def ratios_at(self, step: int) -> list[float]:
-        return [value_at(r, step) for r in self.keep_ratios]
+    def ratios_at(self, step: int) -> tuple[float, ...]:
+        return tuple(value_at(r, step) for r in self.keep_ratios)
 
-    @override
-    def plan_values(self, step: int) -> tuple[float, ...]:
-        return tuple(self.ratios_at(step))
+    plan_values = ratios_at  # the ratios decide the tokens each block processes
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -98,9 +83,10 @@ class TokenDrop(TokenCallback):
                                       self.apply_in, query=self.query)
 
     @override
-    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: Any, training: bool) -> None:
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, step: int, keys: tuple, inputs: Any,
+                training: bool) -> None:
         m: TokenDropper = self.machinery
-        m.set_ratios(self.ratios_at(trainer.global_step), m.adapter.tokens_in(inputs) - m.adapter.num_prefix_tokens)
+        m.set_ratios(self.ratios_at(step), m.adapter.tokens_in(inputs) - m.adapter.num_prefix_tokens)
         if self.score == "random" and m.active(training):
             choice = m.draw(keys, inputs.shape[0], pl_module.device)
             if training:
@@ -116,13 +102,8 @@ class TokenDrop(TokenCallback):
         m: TokenDropper = self.machinery
         if m is None or not m.active(True):
             return
-        kept = m.kept(m.ratios, m.patches)
-        self.log_step_values(trainer, pl_module, {f"tokens/kept_fraction/block{block}": k / m.patches
-                                                  for block, k in zip(m.stages, kept)})
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.detach()
+        kept = zip(m.stages, m.kept(m.ratios, m.patches))
+        self.log_step_values(trainer, pl_module, {f"tokens/kept_fraction/block{b}": k / m.patches for b, k in kept})
 
     @property
     @override

@@ -15,20 +15,15 @@ from lit_eff.tokens.merge import VARIANTS, TokenMerger, check_merge_fits, merge_
 
 class TokenMerge(TokenCallback):
     """Merges ``r`` tokens in each chosen block by bipartite soft matching, as the official ToMe
-    code does (:mod:`lit_eff.tokens.merge`; docs/techniques/token_merge.md).
-
-    Between attention and MLP, the ``r`` most similar tokens of one alternating half are averaged
-    into their partners in the other, weighted by size (patches per token); prefix tokens never
-    merge. ``prop_attn`` adds ``log(size)`` to the attention logits; average pooling becomes
-    size-weighted. ``apply_in="eval"`` (default) is training-free: train dense, evaluate merged.
+    code does; ``apply_in="eval"`` (default) is training-free: train dense, evaluate merged
+    (:mod:`lit_eff.tokens.merge`; docs/techniques/token_merge.md).
 
     Args:
         r: tokens merged per chosen block (an integer), or one integer per block of the model.
         blocks: the blocks that merge ``r`` tokens (``None``: all); ignored when ``r`` is a list.
         prop_attn: proportional attention (``+log(size)`` on the attention logits).
         apply_in: ``"train"``, ``"eval"`` or ``"both"``.
-        variant: ``"official"`` (ToMe's own split and order) or ``"ordered"`` (prefix tokens set
-            aside, unmerged tokens kept in their original order).
+        variant: ``"official"`` (ToMe's split and order) or ``"ordered"`` (unmerged tokens keep their order).
 
     Example (merge 4 tokens in every block, at evaluation only)::
 
@@ -41,29 +36,21 @@ class TokenMerge(TokenCallback):
     kind = "merges tokens in"
     changes_length = True
 
-    def __init__(
-        self,
-        r: int | list[int] = 4,
-        blocks: list[int] | None = None,
-        prop_attn: bool = True,
-        apply_in: Literal["train", "eval", "both"] = "eval",
-        variant: Literal["official", "ordered"] = "official",
-    ) -> None:
+    def __init__(self, r: int | list[int] = 4, blocks: list[int] | None = None, prop_attn: bool = True,
+                 apply_in: Literal["train", "eval", "both"] = "eval",
+                 variant: Literal["official", "ordered"] = "official") -> None:
         super().__init__()
         if validation.is_int(r):
             validation.check_int("r", r, minimum=0)
         elif not isinstance(r, (list, tuple)) or not r or not all(validation.is_int(v) and v >= 0 for v in r):
             raise ValueError(f"Expected `r` to be an integer >= 0 or a list of them (one per block), got r={r!r}")
-        check_blocks("blocks", blocks)
+        self.blocks = check_blocks("blocks", blocks)
         validation.check_choice("apply_in", apply_in, MODES)
         validation.check_choice("variant", variant, VARIANTS)
         if not isinstance(prop_attn, bool):
             raise ValueError(f"Expected `prop_attn` to be true or false, got prop_attn={prop_attn!r}")
         self.r = r if validation.is_int(r) else list(r)
-        self.blocks = None if blocks is None else list(blocks)
-        self.prop_attn = prop_attn
-        self.apply_in = apply_in
-        self.variant = variant
+        self.prop_attn, self.apply_in, self.variant = prop_attn, apply_in, variant
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -73,8 +60,7 @@ class TokenMerge(TokenCallback):
         if adapter.causal:
             raise ValueError(f"TokenMerge averages tokens together, which breaks a causal language model "
                              f"({type(adapter.model).__name__}); use lit_eff.callbacks.TokenSkip")
-        if self.blocks is not None:
-            check_blocks_in_range("blocks", self.blocks, adapter)
+        check_blocks_in_range("blocks", self.blocks, adapter)
         if isinstance(self.r, list) and len(self.r) != adapter.depth:
             raise ValueError(f"Expected one `r` per block ({adapter.depth} blocks), got r={self.r}")
         schedule = merge_schedule(adapter.depth, self.r, self.blocks)
@@ -101,13 +87,8 @@ class TokenMerge(TokenCallback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.machinery is None or not self.machinery.active(False) or trainer.sanity_checking:
             return
-        fraction = self.kept_fraction(False)
-        if fraction is not None:
+        if (fraction := self.kept_fraction(False)) is not None:
             pl_module.log("tokens/eval_kept_fraction", fraction, batch_size=1)
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.detach()
 
     @property
     @override

@@ -12,30 +12,22 @@ from lit_eff.callbacks._tokens import TokenCallback, check_blocks, check_blocks_
 from lit_eff.schedules import Schedule
 from lit_eff.tokens.skip import TokenSkipper
 
-_METHODS = ("ltd", "mod")
-_ROUTING = ("auto", "topk", "threshold")
-
 
 class TokenSkip(TokenCallback):
     """Chosen blocks process only a subset of the tokens; the others pass through unchanged, in
     place (:mod:`lit_eff.tokens.skip`; docs/techniques/token_skip.md).
 
-    - ``method="ltd"`` (random-LTD): each skipping block keeps a random ``keep`` fraction per
-      sample in training (evaluation runs every token); the same draw on every DDP rank.
-      Default blocks: 1..L−2.
-    - ``method="mod"`` (Mixture-of-Depths): a router ``Linear(dim, 1)`` per block (part of the
-      model: trained, checkpointed, kept after ``teardown``) routes the top ``capacity`` fraction
-      of each sequence; a causal model routes by ``sigmoid(logit) > 0.5`` at evaluation, trained
-      by an auxiliary loss. Default blocks: every other block from 1. Refuses ``16-mixed``.
+    ``method="ltd"`` (random-LTD): each block keeps a random ``keep`` fraction per sample in training.
+    ``method="mod"`` (Mixture-of-Depths): a learned router per block (part of the model, kept after
+    ``teardown``) routes the top ``capacity`` fraction of each sequence.
 
     Args:
         method: ``"ltd"`` or ``"mod"``.
-        blocks: indices of the skipping blocks (strictly increasing); ``None``: the default above.
+        blocks: the skipping blocks (strictly increasing); ``None``: 1..L−2 (ltd), every other block from 1 (mod).
         keep: fraction of the tokens each block processes (``"ltd"``), in (0, 1]; a number or a Schedule.
         capacity: fraction of each sequence routed through each block (``"mod"``), in (0, 1].
         aux_loss_weight: weight of the router loss (``"mod"``); 0 turns it off.
-        eval_routing: ``"auto"`` (threshold for causal models, top-k otherwise), ``"topk"`` or
-            ``"threshold"`` (``"mod"``).
+        eval_routing: ``"auto"`` (threshold if causal, else top-k), ``"topk"`` or ``"threshold"`` (``"mod"``).
         multiple_of: round kept counts down to a multiple of this (random-LTD's ``seq_per_step``).
 
     Example (random-LTD, kept tokens growing from 50% to all over 1000 steps)::
@@ -52,31 +44,19 @@ class TokenSkip(TokenCallback):
 
     kind = "skips tokens in"
 
-    def __init__(
-        self,
-        method: Literal["ltd", "mod"] = "ltd",
-        blocks: list[int] | None = None,
-        keep: float | Schedule = 0.5,
-        capacity: float = 0.125,
-        aux_loss_weight: float = 0.01,
-        eval_routing: Literal["auto", "topk", "threshold"] = "auto",
-        multiple_of: int = 1,
-    ) -> None:
+    def __init__(self, method: Literal["ltd", "mod"] = "ltd", blocks: list[int] | None = None,
+                 keep: float | Schedule = 0.5, capacity: float = 0.125, aux_loss_weight: float = 0.01,
+                 eval_routing: Literal["auto", "topk", "threshold"] = "auto", multiple_of: int = 1) -> None:
         super().__init__()
-        validation.check_choice("method", method, _METHODS)
-        check_blocks("blocks", blocks)
+        validation.check_choice("method", method, ("ltd", "mod"))
+        self.blocks = check_blocks("blocks", blocks)
         check_fraction("keep", keep)
         check_fraction("capacity", capacity)
         validation.check_number("aux_loss_weight", aux_loss_weight, low=0.0)
-        validation.check_choice("eval_routing", eval_routing, _ROUTING)
+        validation.check_choice("eval_routing", eval_routing, ("auto", "topk", "threshold"))
         validation.check_int("multiple_of", multiple_of, minimum=1)
-        self.method = method
-        self.blocks = None if blocks is None else list(blocks)
-        self.keep = keep
-        self.capacity = float(capacity)
-        self.aux_loss_weight = float(aux_loss_weight)
-        self.eval_routing = eval_routing
-        self.multiple_of = multiple_of
+        self.method, self.keep, self.capacity = method, keep, float(capacity)
+        self.aux_loss_weight, self.eval_routing, self.multiple_of = float(aux_loss_weight), eval_routing, multiple_of
 
     @override
     def plan_values(self, step: int) -> float:
@@ -104,9 +84,10 @@ class TokenSkip(TokenCallback):
         self.machinery.aux_scale = self.aux_loss_weight / max(1, trainer.accumulate_grad_batches)
 
     @override
-    def prepare(self, trainer: Trainer, pl_module: LightningModule, keys: tuple, inputs: Any, training: bool) -> None:
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, step: int, keys: tuple, inputs: Any,
+                training: bool) -> None:
         m: TokenSkipper = self.machinery
-        m.keep = value_at(self.keep, trainer.global_step)
+        m.keep = value_at(self.keep, step)
         m.aux_scale = self.aux_loss_weight / max(1, trainer.accumulate_grad_batches)
         if training and self.method == "ltd":
             tokens = self.lengths(trainer, m.adapter.tokens_in(inputs))
@@ -115,9 +96,8 @@ class TokenSkip(TokenCallback):
     @override
     def counts(self, trainer: Trainer, step: int, tokens: int) -> list[int]:
         lengths = self.lengths(trainer, tokens)
-        processed = self.machinery.processed(lengths, value_at(self.keep, step))
-        return [processed[self.machinery.blocks.index(i)] if i in self.machinery.blocks else n
-                for i, n in enumerate(lengths)]
+        processed = dict(zip(self.machinery.blocks, self.machinery.processed(lengths, value_at(self.keep, step))))
+        return [processed.get(i, n) for i, n in enumerate(lengths)]
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -131,9 +111,9 @@ class TokenSkip(TokenCallback):
         if self.method == "ltd":
             values["tokens/keep"] = m.keep
         else:
-            values["tokens/router_aux_loss"] = sum(s.aux_loss for s in m.settings) / len(m.settings)
-            values["tokens/router_capacity_use"] = sum(s.router_fraction for s in m.settings) / len(m.settings) \
-                / self.capacity
+            n = len(m.settings)
+            values["tokens/router_aux_loss"] = sum(s.aux_loss for s in m.settings) / n
+            values["tokens/router_capacity_use"] = sum(s.router_fraction for s in m.settings) / n / self.capacity
         self.log_step_values(trainer, pl_module, values)
 
     @override
