@@ -7,8 +7,8 @@ buffers of :class:`lit_eff.sparsity.Mask`) in the same pass. Same rule as
 :func:`lit_eff.sparsity.nm_mask`: the ``n`` largest ``|w|`` of every ``m`` consecutive input
 weights, ties to the lower index, NaN lowest.
 
-The kernel (``nm_cpu.c``) is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``) on first use and cached in ``$LIT_EFF_CACHE`` (default ``~/.cache/lit_eff``),
+The kernel (``nm_cpu.c``) is compiled with the system C compiler (``$CC``, e.g. ``ccache gcc``,
+else ``cc``, ``gcc`` or ``clang``) on first use and cached in ``$LIT_EFF_CACHE`` (default ``~/.cache/lit_eff``),
 keyed by source, compiler and CPU. Without a compiler a warning says so and the torch ops are
 used; ``LIT_EFF_NATIVE=0`` turns the kernel off. It serves float32 Linear-shaped weights on
 CPU; other weights (CUDA, half precision, convolutions, FSDP2 shards) use the torch ops.
@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,8 +59,8 @@ def _build(compiler: str) -> Path:
         built = Path(scratch) / target.name
         errors = ""
         for flags in (["-O3", "-march=native"], ["-O3"]):
-            result = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True)
+            command = [*shlex.split(compiler), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, target)
                 return target

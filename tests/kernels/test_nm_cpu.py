@@ -125,6 +125,14 @@ def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
     assert torch.equal(group.params[0].mask, rederived(layer.parametrizations.weight.original.detach(), 2, 4))
 
 
+def test_a_compiler_command_with_a_wrapper(monkeypatch, tmp_path):
+    import shutil
+
+    monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc')}")  # like CC="ccache gcc"
+    monkeypatch.setenv("LIT_EFF_CACHE", str(tmp_path))
+    assert nm_cpu.native_available()
+
+
 def test_switched_off_quietly(monkeypatch, recwarn):
     monkeypatch.setenv("LIT_EFF_NATIVE", "0")
     assert not nm_cpu.native_available()
