@@ -2,11 +2,14 @@
  *
  * For each group of m consecutive float32 weights, keep the n largest |w|: the rank of entry i
  * counts the entries that beat it (larger, or equal and to its left); NaN counts as -1, below
- * every magnitude. Writes the mask two ways at once: bool (0/1 bytes) and mask - 1 floats
- * (the buffers of lit_eff.sparsity.Mask); returns how many weights were not finite. */
+ * every magnitude. The mask is kept two ways: bool (0/1 bytes) and mask - 1 floats (the buffers
+ * of lit_eff.sparsity.Mask, which agree on entry). Only entries whose mask changes are written:
+ * from one optimizer step to the next few do, so most of both buffers stays clean in the cache
+ * and is never written back to memory. Returns how many weights were not finite. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline float magnitude(float v) {
   v = fabsf(v);
@@ -16,50 +19,70 @@ static inline float magnitude(float v) {
 static inline int32_t nonfinite(float v) { return !(fabsf(v) <= FLT_MAX); }
 
 static inline void store(int64_t at, int32_t keep, uint8_t *mask, float *kept_minus_one) {
-  mask[at] = (uint8_t)keep;
-  kept_minus_one[at] = (float)(keep - 1);
+  if (mask[at] != keep) {
+    mask[at] = (uint8_t)keep;
+    kept_minus_one[at] = (float)(keep - 1);
+  }
 }
 
-/* ranks of the 4 entries of one group from its 6 comparisons (a >= b: a beats b, being left) */
-#define RANKS(a, b, c, d, r0, r1, r2, r3)                                  \
-  int32_t ab = a >= b, ac = a >= c, ad = a >= d, bc = b >= c, bd = b >= d, cd = c >= d; \
-  r0 = 3 - ab - ac - ad;                                                  \
-  r1 = ab + 2 - bc - bd;                                                  \
-  r2 = ac + bc + 1 - cd;                                                  \
-  r3 = ad + bd + cd;
+/* 16 floats (four groups of 4), in vector types GCC and clang lower to whatever the CPU has */
+typedef float f16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint8_t u16 __attribute__((vector_size(16)));
 
-#define BLOCK 64 /* groups of 4 per iteration: fixed-size loops of one type the compiler vectorises */
+/* the other entries of each group, rotated by 1, 2 and 3 places */
+#if defined(__clang__)
+#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE(v, ...) __builtin_shuffle(v, (i16){__VA_ARGS__})
+#endif
+#define ROTATE(v, r) SHUFFLE(v, (0 + r) % 4, (1 + r) % 4, (2 + r) % 4, (3 + r) % 4, 4 + (0 + r) % 4,            \
+    4 + (1 + r) % 4, 4 + (2 + r) % 4, 4 + (3 + r) % 4, 8 + (0 + r) % 4, 8 + (1 + r) % 4, 8 + (2 + r) % 4,        \
+    8 + (3 + r) % 4, 12 + (0 + r) % 4, 12 + (1 + r) % 4, 12 + (2 + r) % 4, 12 + (3 + r) % 4)
 
-static int64_t keep_of_4(const float *restrict w, int64_t groups, int32_t n, uint8_t *restrict mask,
-                         float *restrict kept_minus_one) {
-  int64_t start = 0, bad = 0;
-  for (; start + BLOCK <= groups; start += BLOCK) {
-    float a[BLOCK], b[BLOCK], c[BLOCK], d[BLOCK];
-    int32_t rank[4 * BLOCK], block_bad = 0;
-    const float *x = w + 4 * start;
-    for (int i = 0; i < 4 * BLOCK; ++i) block_bad += nonfinite(x[i]);
-    bad += block_bad;
-    for (int i = 0; i < BLOCK; ++i) {
-      a[i] = magnitude(x[4 * i]);
-      b[i] = magnitude(x[4 * i + 1]);
-      c[i] = magnitude(x[4 * i + 2]);
-      d[i] = magnitude(x[4 * i + 3]);
+/* m = 4: each entry is compared with its group's others by rotating the group; the entry r places
+ * on is to its left where its place + r >= 4, and beats it when equal too */
+static int64_t keep_of_4(const float *w, int64_t groups, int32_t n, uint8_t *mask, float *kept_minus_one) {
+  const i16 place = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+  const i16 left1 = place >= 3, left2 = place >= 2, left3 = place >= 1;
+  i16 finite = {0};
+  int64_t numel = 4 * groups, at = 0, bad = 0;
+  for (; at + 16 <= numel; at += 16) {
+    f16 x, a;
+    memcpy(&x, w + at, sizeof x);
+    a = (f16)((i16)x & 0x7fffffff);          /* |x| */
+    finite -= a <= FLT_MAX;                  /* NaN and inf compare false */
+    i16 number = a == a;                     /* NaN ranks below every magnitude: -1 */
+    a = (f16)(((i16)a & number) | ((i16)((f16){0} - 1.0f) & ~number));
+    f16 r1 = ROTATE(a, 1), r2 = ROTATE(a, 2), r3 = ROTATE(a, 3);
+    i16 rank = -((r1 > a) | ((r1 == a) & left1)) - ((r2 > a) | ((r2 == a) & left2))
+               - ((r3 > a) | ((r3 == a) & left3));
+    i16 keep = (rank < n) & 1;
+    u16 bytes = __builtin_convertvector(keep, u16), old;
+    uint64_t differ[2];
+    memcpy(&old, mask + at, sizeof old);
+    old ^= bytes;
+    memcpy(differ, &old, sizeof differ);
+    if (differ[0] | differ[1]) {
+      f16 values = __builtin_convertvector(keep, f16) - 1.0f;
+      memcpy(mask + at, &bytes, sizeof bytes);
+      memcpy(kept_minus_one + at, &values, sizeof values);
     }
-    for (int i = 0; i < BLOCK; ++i) {
-      RANKS(a[i], b[i], c[i], d[i], rank[4 * i], rank[4 * i + 1], rank[4 * i + 2], rank[4 * i + 3])
-    }
-    for (int i = 0; i < 4 * BLOCK; ++i) store(4 * start + i, rank[i] < n, mask, kept_minus_one);
   }
-  for (int64_t g = start; g < groups; ++g) {
-    const float *x = w + 4 * g;
-    int32_t r0, r1, r2, r3;
-    bad += nonfinite(x[0]) + nonfinite(x[1]) + nonfinite(x[2]) + nonfinite(x[3]);
-    float a = magnitude(x[0]), b = magnitude(x[1]), c = magnitude(x[2]), d = magnitude(x[3]);
-    RANKS(a, b, c, d, r0, r1, r2, r3)
-    store(4 * g, r0 < n, mask, kept_minus_one);
-    store(4 * g + 1, r1 < n, mask, kept_minus_one);
-    store(4 * g + 2, r2 < n, mask, kept_minus_one);
-    store(4 * g + 3, r3 < n, mask, kept_minus_one);
+  for (int i = 0; i < 16; ++i) bad += finite[i];
+  bad = at - bad;  /* entries seen so far less the finite ones */
+  for (; at < numel; at += 4) {  /* the last groups, one at a time */
+    const float *x = w + at;
+    float a[4];
+    for (int i = 0; i < 4; ++i) {
+      bad += nonfinite(x[i]);
+      a[i] = magnitude(x[i]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      int32_t beaten_by = 0;
+      for (int j = 0; j < 4; ++j) beaten_by += j < i ? a[j] >= a[i] : a[j] > a[i];
+      store(at + i, beaten_by < n, mask, kept_minus_one);
+    }
   }
   return bad;
 }

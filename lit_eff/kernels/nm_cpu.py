@@ -2,8 +2,10 @@
 
 Recomputing N:M masks after every optimizer step is most of what N:M training adds to a CPU
 step. In torch ops it takes a dozen passes over the weights plus copies into the mask buffers;
-:func:`nm_keep_` reads each weight once and writes the mask and its ``mask − 1`` floats (the
-buffers of :class:`lit_eff.sparsity.Mask`) in the same pass. Same rule as
+:func:`nm_keep_` reads each weight once and, in the same pass, updates the mask and its
+``mask − 1`` floats (the buffers of :class:`lit_eff.sparsity.Mask`) where the mask changes only:
+from one optimizer step to the next few entries do, so the buffers are mostly read, not written
+back to memory. Same rule as
 :func:`lit_eff.sparsity.nm_mask`: the ``n`` largest ``|w|`` of every ``m`` consecutive input
 weights, ties to the lower index, NaN lowest.
 
@@ -102,16 +104,17 @@ def _fits(weight: torch.Tensor, m: int, out: tuple[torch.Tensor, ...]) -> bool:
 
 @torch.no_grad()
 def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> int | None:
-    """Write the N:M mask of ``weight`` into ``mask`` (bool) and ``kept_minus_one`` (0 kept,
-    −1 pruned), both contiguous and of ``weight``'s shape; return how many entries of ``weight``
-    are NaN or infinite (read in the same pass).
+    """Set ``mask`` (bool) and ``kept_minus_one`` (0 kept, −1 pruned) to the N:M mask of ``weight``;
+    both contiguous, of ``weight``'s shape and agreeing (``kept_minus_one == mask − 1``) on entry:
+    only entries whose mask changes are written. Return how many entries of ``weight`` are NaN
+    or infinite (read in the same pass).
 
     Returns ``None``, writing nothing, where the kernel does not serve these tensors (see the
     module docstring); the caller then uses :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m``
     is the caller's to check.
 
     >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
-    >>> mask, minus = torch.empty(1, 4, dtype=torch.bool), torch.empty(1, 4)
+    >>> mask, minus = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4)
     >>> nm_keep_(w, 2, 4, mask, minus)  # None where no C compiler was found
     0
     >>> mask, minus

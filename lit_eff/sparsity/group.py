@@ -83,7 +83,7 @@ class MaskGroup:
     def set_nm_masks(self, n: int, m: int) -> None:
         """Set every mask to the N:M mask of its current dense weight: ``set_masks(nm_masks(n, m))``,
         with plain float32 CPU weights going through :func:`lit_eff.kernels.nm_cpu.nm_keep_`
-        (one pass writing the buffers) and the rest through :func:`~lit_eff.sparsity.nm_masks`."""
+        (one pass over each weight, writing only the mask entries that change) and the rest through :func:`~lit_eff.sparsity.nm_masks`."""
         check_nm(n, m)
         weights = [w.detach() for w in self.weights]
         nonfinite = [nm_keep_(w, n, m, p.mask, p.kept_minus_one) for w, p in zip(weights, self.params)]

@@ -30,8 +30,10 @@ def awkward(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return w
 
 
-def buffers(shape):
-    return torch.zeros(shape, dtype=torch.bool), torch.full(shape, 7.0)
+def buffers(shape, seed: int = 1):
+    """A mask and its ``mask − 1`` floats that agree (as a Mask keeps them), at random."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return mask, mask.float() - 1
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +54,27 @@ def test_kernel_equals_the_rederived_rule(m):
         assert torch.equal(mask, expected), (n, m)
         assert torch.equal(minus, expected.float() - 1)
         assert (mask.reshape(-1, m).sum(1) == n).all()
+
+
+@pytest.mark.parametrize("m", [4, 8])
+def test_only_changed_entries_are_written_and_every_change_is_caught(m):
+    w = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))  # m = 4: 9 x 16 groups, 36 vectors of 4
+    mask, minus = buffers(w.shape)
+    nm_cpu.nm_keep_(w, 2, m, mask, minus)
+    before = mask.clone()
+    minus[mask] = 7.0  # a mark on kept entries: one the kernel writes loses it
+    for row, col in ((3, 20), (8, 60)):  # one group in a vector of 4, one among the last groups
+        group = w[row, col // m * m:col // m * m + m]
+        largest, smallest = int(group.abs().argmax()), int(group.abs().argmin())
+        group[[largest, smallest]] = group[[smallest, largest]].clone()
+    expected = rederived(w, 2, m)
+    assert nm_cpu.nm_keep_(w, 2, m, mask, minus) == 0
+    assert torch.equal(mask, expected)
+    flipped = expected != before
+    assert flipped.sum() == 4  # two groups, one entry in and one out each
+    assert torch.equal(minus[flipped], expected[flipped].float() - 1)
+    rewritten = int((minus[expected] != 7.0).sum())  # kept entries written again
+    assert 2 <= rewritten <= 2 * 8  # the changed ones, at most with their vectors' others
 
 
 @pytest.mark.parametrize("case", ["float64", "transposed", "conv", "m does not divide", "float64 buffer"])
