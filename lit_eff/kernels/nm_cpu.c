@@ -25,10 +25,10 @@ static inline void store(int64_t at, int32_t keep, uint8_t *mask, float *kept_mi
   }
 }
 
-/* 16 floats (four groups of 4), in vector types GCC and clang lower to whatever the CPU has */
-typedef float f16 __attribute__((vector_size(64)));
+/* 16 entries (four groups of 4) at a time, in vector types GCC and clang lower to what the CPU has */
 typedef int32_t i16 __attribute__((vector_size(64)));
 typedef uint8_t u16 __attribute__((vector_size(16)));
+typedef float f16 __attribute__((vector_size(64)));
 
 /* the other entries of each group, rotated by 1, 2 and 3 places */
 #if defined(__clang__)
@@ -40,23 +40,24 @@ typedef uint8_t u16 __attribute__((vector_size(16)));
     4 + (1 + r) % 4, 4 + (2 + r) % 4, 4 + (3 + r) % 4, 8 + (0 + r) % 4, 8 + (1 + r) % 4, 8 + (2 + r) % 4,        \
     8 + (3 + r) % 4, 12 + (0 + r) % 4, 12 + (1 + r) % 4, 12 + (2 + r) % 4, 12 + (3 + r) % 4)
 
-/* m = 4: each entry is compared with its group's others by rotating the group; the entry r places
- * on is to its left where its place + r >= 4, and beats it when equal too */
+/* m = 4. Magnitudes are compared as integers: the bits of |w| order like its values (+0 = -0), NaN
+ * becomes -1. Each entry meets its group's others by rotating the group: the entry r places on is
+ * to its left where the entry's place + r >= 4, and then beats it when equal too: beats = other >
+ * key - left, one comparison. */
 static int64_t keep_of_4(const float *w, int64_t groups, int32_t n, uint8_t *mask, float *kept_minus_one) {
   const i16 place = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
-  const i16 left1 = place >= 3, left2 = place >= 2, left3 = place >= 1;
+  const i16 left1 = -(place >= 3), left2 = -(place >= 2), left3 = -(place >= 1); /* 1 or 0 */
+  const int32_t inf = 0x7f800000;
   i16 finite = {0};
   int64_t numel = 4 * groups, at = 0, bad = 0;
   for (; at + 16 <= numel; at += 16) {
-    f16 x, a;
-    memcpy(&x, w + at, sizeof x);
-    a = (f16)((i16)x & 0x7fffffff);          /* |x| */
-    finite -= a <= FLT_MAX;                  /* NaN and inf compare false */
-    i16 number = a == a;                     /* NaN ranks below every magnitude: -1 */
-    a = (f16)(((i16)a & number) | ((i16)((f16){0} - 1.0f) & ~number));
-    f16 r1 = ROTATE(a, 1), r2 = ROTATE(a, 2), r3 = ROTATE(a, 3);
-    i16 rank = -((r1 > a) | ((r1 == a) & left1)) - ((r2 > a) | ((r2 == a) & left2))
-               - ((r3 > a) | ((r3 == a) & left3));
+    i16 key;
+    memcpy(&key, w + at, sizeof key);
+    key &= 0x7fffffff;                       /* |w| */
+    finite -= key < inf;                     /* counts up: comparisons give -1 for true */
+    key |= key > inf;                        /* NaN: -1 */
+    i16 r1 = ROTATE(key, 1), r2 = ROTATE(key, 2), r3 = ROTATE(key, 3);
+    i16 rank = -(r1 > key - left1) - (r2 > key - left2) - (r3 > key - left3);
     i16 keep = (rank < n) & 1;
     u16 bytes = __builtin_convertvector(keep, u16), old;
     uint64_t differ[2];
@@ -64,7 +65,7 @@ static int64_t keep_of_4(const float *w, int64_t groups, int32_t n, uint8_t *mas
     old ^= bytes;
     memcpy(differ, &old, sizeof differ);
     if (differ[0] | differ[1]) {
-      f16 values = __builtin_convertvector(keep, f16) - 1.0f;
+      f16 values = __builtin_convertvector(keep - 1, f16);
       memcpy(mask + at, &bytes, sizeof bytes);
       memcpy(kept_minus_one + at, &values, sizeof values);
     }
@@ -105,4 +106,13 @@ int64_t nm_keep(const float *w, int64_t groups, int32_t n, int32_t m, uint8_t *m
     }
   }
   return bad;
+}
+
+/* The SR-STE term: grad += scale * w where the mask prunes (mask 0), reading the bool mask. */
+void add_pruned(float *restrict grad, const float *restrict w, const uint8_t *restrict mask, int64_t numel,
+                float scale) {
+  for (int64_t i = 0; i < numel; ++i) {
+    float term = scale * w[i];
+    grad[i] += mask[i] ? 0.0f : term;
+  }
 }

@@ -1,19 +1,19 @@
-"""N:M masks on CPU by a small C kernel: one pass over a weight writes its mask buffers.
+"""N:M masks and the SR-STE term on CPU by a small C kernel: one pass over a weight each.
 
 Recomputing N:M masks after every optimizer step is most of what N:M training adds to a CPU
 step. In torch ops it takes a dozen passes over the weights plus copies into the mask buffers;
 :func:`nm_keep_` reads each weight once and, in the same pass, updates the mask and its
 ``mask − 1`` floats (the buffers of :class:`lit_eff.sparsity.Mask`) where the mask changes only:
 from one optimizer step to the next few entries do, so the buffers are mostly read, not written
-back to memory. Same rule as
-:func:`lit_eff.sparsity.nm_mask`: the ``n`` largest ``|w|`` of every ``m`` consecutive input
-weights, ties to the lower index, NaN lowest.
+back to memory. Same rule as :func:`lit_eff.sparsity.nm_mask`: the ``n`` largest ``|w|`` of
+every ``m`` consecutive input weights, ties to the lower index, NaN lowest. :func:`add_pruned_`
+adds SR-STE's ``λ(1 − E) ⊙ W`` to a gradient reading the bool mask rather than its floats.
 
 The kernel (``nm_cpu.c``) is compiled with the system C compiler (``$CC``, e.g. ``ccache gcc``,
 else ``cc``, ``gcc`` or ``clang``) on first use and cached in ``$LIT_EFF_CACHE`` (default ``~/.cache/lit_eff``),
 keyed by source, compiler and CPU. Without a compiler a warning says so and the torch ops are
-used; ``LIT_EFF_NATIVE=0`` turns the kernel off. It serves float32 Linear-shaped weights on
-CPU; other weights (CUDA, half precision, convolutions, FSDP2 shards) use the torch ops.
+used; ``LIT_EFF_NATIVE=0`` turns the kernel off. It serves float32 weights on CPU (N:M masks:
+Linear-shaped ones); other weights (CUDA, half precision, convolutions, FSDP2 shards) use the torch ops.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["native_available", "nm_keep_"]
+__all__ = ["add_pruned_", "native_available", "nm_keep_"]
 
 _SOURCE = Path(__file__).with_name("nm_cpu.c")
 
@@ -86,6 +86,8 @@ def _library() -> ctypes.CDLL | None:
     library.nm_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                 ctypes.c_void_p, ctypes.c_void_p]
     library.nm_keep.restype = ctypes.c_int64
+    library.add_pruned.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    library.add_pruned.restype = None
     return library
 
 
@@ -94,15 +96,13 @@ def native_available() -> bool:
     return _library() is not None
 
 
-def _fits(weight: torch.Tensor, m: int, out: tuple[torch.Tensor, ...]) -> bool:
-    plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and all(type(t) is torch.Tensor for t in out)
-    return (plain and weight.ndim == 2 and m <= 64 and weight.shape[1] % m == 0
-            and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-            and all(t.device.type == "cpu" and t.shape == weight.shape and t.is_contiguous() for t in out)
-            and [t.dtype for t in out] == [torch.bool, torch.float32])
+def _fits(tensors: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Plain contiguous CPU tensors of one shape and these dtypes."""
+    shape = tensors[0].shape
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
+               and t.shape == shape and t.is_contiguous() for t, dtype in zip(tensors, dtypes))
 
 
-@torch.no_grad()
 def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> int | None:
     """Set ``mask`` (bool) and ``kept_minus_one`` (0 kept, −1 pruned) to the N:M mask of ``weight``;
     both contiguous, of ``weight``'s shape and agreeing (``kept_minus_one == mask − 1``) on entry:
@@ -121,6 +121,23 @@ def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minu
     (tensor([[False,  True,  True, False]]), tensor([[-1.,  0.,  0., -1.]]))
     """
     library = _library()
-    if library is None or not _fits(weight, m, (mask, kept_minus_one)):
+    if library is None or weight.ndim != 2 or m > 64 or weight.shape[1] % m or \
+            not _fits((weight, mask, kept_minus_one), (torch.float32, torch.bool, torch.float32)):
         return None
     return library.nm_keep(weight.data_ptr(), weight.numel() // m, n, m, mask.data_ptr(), kept_minus_one.data_ptr())
+
+
+def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float) -> bool:
+    """``grad += scale · (1 − mask) ⊙ weight`` (the SR-STE term) in one pass reading the bool mask;
+    ``False``, writing nothing, where the kernel does not serve these tensors (float32, bool mask,
+    contiguous, on CPU, one shape).
+
+    >>> grad, w = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    >>> add_pruned_(grad, w, torch.tensor([True, False, True, False]), 0.5), grad  # False without a compiler
+    (True, tensor([0., 1., 0., 2.]))
+    """
+    library = _library()
+    if library is None or not _fits((grad, weight, mask), (torch.float32, torch.float32, torch.bool)):
+        return False
+    library.add_pruned(grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), grad.numel(), scale)
+    return True

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from lit_eff.kernels.nm_cpu import nm_keep_
+from lit_eff.kernels.nm_cpu import add_pruned_, nm_keep_
 from lit_eff.sparsity.masks import nm_masks
 from lit_eff.sparsity.parametrize import Mask, _report, get_parametrization, set_beta
 from lit_eff.sparsity.sharded import full, is_sharded, local, local_part
@@ -152,8 +152,10 @@ class MaskGroup:
 
     @torch.no_grad()
     def add_pruned_weights_to_grad(self, scale: float) -> None:
-        """``grad += scale · (1 − E) ⊙ W`` for every layer (the SR-STE term)."""
-        pairs = [(w, p.kept_minus_one) for w, p in zip(self.weights, self.params) if w.grad is not None]
+        """``grad += scale · (1 − E) ⊙ W`` for every layer (the SR-STE term); plain float32 CPU
+        weights through :func:`lit_eff.kernels.nm_cpu.add_pruned_`, the rest in one fused op."""
+        pairs = [(w, p.kept_minus_one) for w, p in zip(self.weights, self.params)
+                 if w.grad is not None and not add_pruned_(w.grad, w.detach(), p.mask, scale)]
         if not pairs:
             return
         grads = [local(w.grad) for w, _ in pairs]

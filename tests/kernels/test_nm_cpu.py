@@ -96,6 +96,52 @@ def test_kernel_declines_what_it_does_not_serve(case):
     assert all(torch.equal(a, b) for a, b in zip(before, out))  # nothing written
 
 
+def test_the_srste_term_equals_its_formula():
+    gen = torch.Generator().manual_seed(0)
+    w, grad = torch.randn(7, 40, generator=gen), torch.randn(7, 40, generator=gen)
+    mask = torch.rand(7, 40, generator=gen) < 0.5
+    expected = grad + 2e-4 * ((1 - mask.float()) * w)  # g + λ (1 − E) ⊙ W
+    assert nm_cpu.add_pruned_(grad, w, mask, 2e-4)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("case", ["float64", "transposed", "float mask", "other shape"])
+def test_the_srste_term_declines_what_it_does_not_serve(case):
+    w, grad, mask = torch.randn(8, 16), torch.randn(8, 16), torch.rand(8, 16) < 0.5
+    if case == "float64":
+        w, grad = w.double(), grad.double()
+    elif case == "transposed":
+        grad = torch.randn(16, 8).t()
+    elif case == "float mask":
+        mask = mask.float()
+    else:
+        mask = mask.reshape(16, 8)
+    before = grad.clone()
+    assert not nm_cpu.add_pruned_(grad, w, mask, 0.5)
+    assert torch.equal(grad, before)
+
+
+def test_group_srste_term_is_the_same_on_both_paths(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8).double())
+    layers = {name: module for name, module in model.named_children()}
+    for module in layers.values():
+        attach_mask(module)
+    group = MaskGroup(layers)
+    group.set_nm_masks(2, 4)
+    for w in group.weights:
+        w.grad = torch.randn_like(w)
+    before = [w.grad.clone() for w in group.weights]
+    group.add_pruned_weights_to_grad(0.5)  # the float32 layer through the kernel, the float64 one through torch
+    kernel = [w.grad for w in group.weights]
+    for w, grad in zip(group.weights, before):
+        w.grad = grad.clone()
+    monkeypatch.setenv("LIT_EFF_NATIVE", "0")
+    nm_cpu._library.cache_clear()
+    group.add_pruned_weights_to_grad(0.5)
+    for w, got, grad in zip(group.weights, kernel, before):
+        assert torch.equal(got, w.grad) and not torch.equal(got, grad)
+
+
 def test_group_masks_match_nm_masks_on_both_paths():
     model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(8, 8, 3), nn.Linear(8, 8).double())
     layers = {name: module for name, module in model.named_children()}
