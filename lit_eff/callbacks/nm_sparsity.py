@@ -139,22 +139,10 @@ class NMSparsity(MaskingTechnique):
     def start(self, trainer: Trainer) -> None:
         self._apply(trainer.global_step, start=True)
 
-    def _srste_now(self, step: int) -> bool:
-        return self.method == "srste" and bool(self.srste_lambda) and self.phase(step) != "dense"
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # The SR-STE term joins the gradient in backward where it can: one pass less. Not with a gradient
-        # scaler (the term would be scaled), accumulation (it would join another sum) or manual optimization.
-        step = trainer.global_step
-        fused = (self._srste_now(step) and trainer.accumulate_grad_batches == 1 and pl_module.automatic_optimization
-                 and getattr(trainer.precision_plugin, "scaler", None) is None)
-        self.group.request_srste(self.srste_lambda if fused else None, step)
-
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self._srste_now(trainer.global_step):  # grad += λ (1 − E) ⊙ W where backward did not add it
-            self.group.add_pruned_weights_to_grad(self.srste_lambda, step=trainer.global_step)
+        if self.method == "srste" and self.srste_lambda and self.phase(trainer.global_step) != "dense":
+            self.group.add_pruned_weights_to_grad(self.srste_lambda)  # grad += λ (1 − E) ⊙ W, fused
 
     @override
     def after_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:

@@ -108,17 +108,11 @@ int64_t nm_keep(const float *w, int64_t groups, int32_t n, int32_t m, uint8_t *m
   return bad;
 }
 
-/* The SR-STE term: out = grad + scale * w where the mask prunes (mask 0), reading the bool mask;
- * out may be grad. */
-void add_pruned(float *out, const float *grad, const float *restrict w, const uint8_t *restrict mask,
-                int64_t numel, float scale) {
+/* The SR-STE term: grad += scale * w where the mask prunes (mask 0), reading the bool mask. */
+void add_pruned(float *restrict grad, const float *restrict w, const uint8_t *restrict mask, int64_t numel,
+                float scale) {
   for (int64_t i = 0; i < numel; ++i) {
     float term = scale * w[i];
-    out[i] = grad[i] + (mask[i] ? 0.0f : term);
+    grad[i] += mask[i] ? 0.0f : term;
   }
-}
-
-/* out = w where the mask keeps, 0 where it prunes (the masked weight forward uses) */
-void mask_into(float *restrict out, const float *restrict w, const uint8_t *restrict mask, int64_t numel) {
-  for (int64_t i = 0; i < numel; ++i) out[i] = mask[i] ? w[i] : 0.0f;
 }

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["add_pruned_", "mask_into_", "native_available", "nm_keep_", "serves"]
+__all__ = ["add_pruned_", "native_available", "nm_keep_"]
 
 _SOURCE = Path(__file__).with_name("nm_cpu.c")
 
@@ -86,10 +86,8 @@ def _library() -> ctypes.CDLL | None:
     library.nm_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                 ctypes.c_void_p, ctypes.c_void_p]
     library.nm_keep.restype = ctypes.c_int64
-    library.add_pruned.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float]
+    library.add_pruned.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
     library.add_pruned.restype = None
-    library.mask_into.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    library.mask_into.restype = None
     return library
 
 
@@ -102,17 +100,7 @@ def _fits(tensors: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) ->
     """Plain contiguous CPU tensors of one shape and these dtypes."""
     shape = tensors[0].shape
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
-               and t.shape == shape and t.is_contiguous() and not _wrapped(t) for t, dtype in zip(tensors, dtypes))
-
-
-def serves(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel is on and serves these tensors: plain contiguous CPU tensors of one shape,
-    a float32 one then a bool mask (e.g. ``serves(weight, mask)``)."""
-    dtypes = (torch.float32,) * (len(tensors) - 1) + (torch.bool,)
-    return _library() is not None and _fits(tensors, dtypes)
-
-
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # torch.func transforms' tensors have no data pointer
+               and t.shape == shape and t.is_contiguous() for t, dtype in zip(tensors, dtypes))
 
 
 def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> int | None:
@@ -139,34 +127,17 @@ def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minu
     return library.nm_keep(weight.data_ptr(), weight.numel() // m, n, m, mask.data_ptr(), kept_minus_one.data_ptr())
 
 
-def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float,
-                out: torch.Tensor | None = None) -> bool:
-    """``grad += scale · (1 − mask) ⊙ weight`` (the SR-STE term) in one pass reading the bool mask,
-    or into ``out`` (leaving ``grad``); ``False``, writing nothing, where the kernel does not serve
-    these tensors (float32, bool mask, contiguous, on CPU, one shape).
+def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float) -> bool:
+    """``grad += scale · (1 − mask) ⊙ weight`` (the SR-STE term) in one pass reading the bool mask;
+    ``False``, writing nothing, where the kernel does not serve these tensors (float32, bool mask,
+    contiguous, on CPU, one shape).
 
     >>> grad, w = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
     >>> add_pruned_(grad, w, torch.tensor([True, False, True, False]), 0.5), grad  # False without a compiler
     (True, tensor([0., 1., 0., 2.]))
     """
-    out = grad if out is None else out
     library = _library()
-    if library is None or not _fits((out, grad, weight, mask), (torch.float32,) * 3 + (torch.bool,)):
+    if library is None or not _fits((grad, weight, mask), (torch.float32, torch.float32, torch.bool)):
         return False
-    library.add_pruned(out.data_ptr(), grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), grad.numel(), scale)
-    return True
-
-
-def mask_into_(out: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
-    """``out = weight ⊙ mask`` in one pass reading the bool mask; ``False``, writing nothing, where
-    the kernel does not serve these tensors (float32, bool mask, contiguous, on CPU, one shape).
-
-    >>> out = torch.empty(3)
-    >>> mask_into_(out, torch.tensor([1.0, -2.0, 3.0]), torch.tensor([True, False, True])), out
-    (True, tensor([1., 0., 3.]))
-    """
-    library = _library()
-    if library is None or not _fits((out, weight, mask), (torch.float32, torch.float32, torch.bool)):
-        return False
-    library.mask_into(out.data_ptr(), weight.data_ptr(), mask.data_ptr(), out.numel())
+    library.add_pruned(grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), grad.numel(), scale)
     return True

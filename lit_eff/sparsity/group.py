@@ -150,21 +150,12 @@ class MaskGroup:
                  for w, p in zip(self.weights, self.params) if w.grad is not None]
         _foreach(_times_mask_, [g for g, _ in pairs], [v for _, v in pairs])
 
-    def request_srste(self, scale: float | None, step: int) -> None:
-        """Ask each layer's backward to add the SR-STE term for optimizer step ``step`` where the
-        CPU kernel serves its forward (``None``: ask nothing); see :class:`~lit_eff.sparsity.parametrize.Mask`."""
-        for p in self.params:
-            p.srste = None if scale is None else (scale, step)
-
     @torch.no_grad()
-    def add_pruned_weights_to_grad(self, scale: float, step: int | None = None) -> None:
+    def add_pruned_weights_to_grad(self, scale: float) -> None:
         """``grad += scale · (1 − E) ⊙ W`` for every layer (the SR-STE term); plain float32 CPU
-        weights through :func:`lit_eff.kernels.nm_cpu.add_pruned_`, the rest in one fused op.
-        Layers whose backward already added the term for optimizer step ``step`` are skipped
-        (:meth:`request_srste`)."""
+        weights through :func:`lit_eff.kernels.nm_cpu.add_pruned_`, the rest in one fused op."""
         pairs = [(w, p.kept_minus_one) for w, p in zip(self.weights, self.params)
-                 if w.grad is not None and not (step is not None and p.srste_added == step)
-                 and not add_pruned_(w.grad, w.detach(), p.mask, scale)]
+                 if w.grad is not None and not add_pruned_(w.grad, w.detach(), p.mask, scale)]
         if not pairs:
             return
         grads = [local(w.grad) for w, _ in pairs]

@@ -49,7 +49,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lit_eff.flops import clear_density, set_density
-from lit_eff.kernels import nm_cpu
 from lit_eff.sparsity.sharded import DTensor, is_sharded, local_part
 
 __all__ = [
@@ -69,31 +68,6 @@ __all__ = [
 
 
 _ORIGINAL_KEY = re.compile(r"^(.*\.)?parametrizations\.([^.]+)\.original$")
-
-
-class _KernelStraightThrough(torch.autograd.Function):
-    """``W ⊙ E`` by the CPU kernel (reading the bool mask), the gradient straight through to ``W``;
-    plus the SR-STE term when the :class:`Mask` asks for it (:attr:`Mask.srste`), once per step,
-    added while the gradient is fresh in the cache rather than in a pass of its own later."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, owner: Mask) -> torch.Tensor:
-        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        nm_cpu.mask_into_(out, weight, mask)
-        ctx.owner = owner
-        ctx.save_for_backward(weight, mask)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        owner, request = ctx.owner, ctx.owner.srste
-        if request is not None and owner.srste_added != request[1]:
-            weight, mask = ctx.saved_tensors
-            out = torch.empty_like(grad)  # not in place: another node may share `grad`
-            if nm_cpu.add_pruned_(grad, weight, mask, request[0], out=out):
-                owner.srste_added = request[1]
-                return out, None, None
-        return grad, None, None
 
 
 class Mask(nn.Module):
@@ -119,10 +93,6 @@ class Mask(nn.Module):
         self._order: list[str] = []
         self.mode = "identity"
         self._settle()
-        # (λ, step): add SR-STE's λ(1 − E) ⊙ W to W's gradient in backward, once for that step, where the
-        # CPU kernel computes forward; `srste_added` says for which step it did (NMSparsity adds the rest)
-        self.srste: tuple[float, int] | None = None
-        self.srste_added = -1
 
     def _settle(self) -> None:
         """Choose what forward computes from the host copies (the only Python state it reads)."""
@@ -142,8 +112,6 @@ class Mask(nn.Module):
         if not self.ste:  # W + W(E − 1) = W ⊙ E, and so is the gradient
             return torch.addcmul(weight, weight, kept_minus_one) if binary else \
                 torch.where(mask, weight, weight * self.beta)
-        if binary and not torch.compiler.is_compiling() and nm_cpu.serves(weight, mask):
-            return _KernelStraightThrough.apply(weight, mask, self)  # one pass reading the bool mask
         dense = weight.detach()
         if binary:  # W + stop_grad(W)(E − 1): exactly W ⊙ E (w − w = 0), gradient straight to W
             return torch.addcmul(weight, dense, kept_minus_one)
