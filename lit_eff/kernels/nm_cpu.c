@@ -116,3 +116,14 @@ void add_pruned(float *restrict grad, const float *restrict w, const uint8_t *re
     grad[i] += mask[i] ? 0.0f : term;
   }
 }
+
+/* Every layer of a model in one call: count weights, bad[k] for each (one call from Python). */
+void nm_keep_all(int64_t count, float *const *w, const int64_t *groups, int32_t n, int32_t m, uint8_t *const *mask,
+                 float *const *kept_minus_one, int64_t *bad) {
+  for (int64_t k = 0; k < count; ++k) bad[k] = nm_keep(w[k], groups[k], n, m, mask[k], kept_minus_one[k]);
+}
+
+void add_pruned_all(int64_t count, float *const *grad, float *const *w, uint8_t *const *mask, const int64_t *numel,
+                    float scale) {
+  for (int64_t k = 0; k < count; ++k) add_pruned(grad[k], w[k], mask[k], numel[k], scale);
+}

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -83,11 +84,12 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"lit_eff could not build its CPU N:M mask kernel, so N:M masks are computed with torch "
                       f"ops (slower steps): {error}. Set LIT_EFF_NATIVE=0 to silence this.", stacklevel=3)
         return None
-    library.nm_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
-                                ctypes.c_void_p, ctypes.c_void_p]
-    library.nm_keep.restype = ctypes.c_int64
-    library.add_pruned.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
-    library.add_pruned.restype = None
+    pointers, sizes = ctypes.c_void_p, ctypes.c_void_p  # arrays, one entry per layer
+    library.nm_keep_all.argtypes = [ctypes.c_int64, pointers, sizes, ctypes.c_int32, ctypes.c_int32, pointers,
+                                    pointers, sizes]
+    library.nm_keep_all.restype = None
+    library.add_pruned_all.argtypes = [ctypes.c_int64, pointers, pointers, pointers, sizes, ctypes.c_float]
+    library.add_pruned_all.restype = None
     return library
 
 
@@ -96,48 +98,70 @@ def native_available() -> bool:
     return _library() is not None
 
 
-def _fits(tensors: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) -> bool:
-    """Plain contiguous CPU tensors of one shape and these dtypes."""
-    shape = tensors[0].shape
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
-               and t.shape == shape and t.is_contiguous() for t, dtype in zip(tensors, dtypes))
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def nm_keep_(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor, kept_minus_one: torch.Tensor) -> int | None:
-    """Set ``mask`` (bool) and ``kept_minus_one`` (0 kept, −1 pruned) to the N:M mask of ``weight``;
-    both contiguous, of ``weight``'s shape and agreeing (``kept_minus_one == mask − 1``) on entry:
-    only entries whose mask changes are written. Return how many entries of ``weight`` are NaN
-    or infinite (read in the same pass).
+def _fits(tensor: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> bool:
+    """A plain contiguous CPU tensor of this dtype and shape."""
+    return (type(tensor) in _PLAIN and tensor.dtype is dtype and tensor.is_cpu and tensor.shape == shape
+            and tensor.is_contiguous())
 
-    Returns ``None``, writing nothing, where the kernel does not serve these tensors (see the
-    module docstring); the caller then uses :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m``
-    is the caller's to check.
+
+def _array(ctype, values: list) -> ctypes.Array:
+    return (ctype * len(values))(*values)
+
+
+def nm_keep_(weights: Sequence[torch.Tensor], n: int, m: int, masks: Sequence[torch.Tensor],
+             kept_minus_one: Sequence[torch.Tensor]) -> list[int | None]:
+    """Set each ``masks[i]`` (bool) and ``kept_minus_one[i]`` (0 kept, −1 pruned) to the N:M mask of
+    ``weights[i]``; both contiguous, of the weight's shape and agreeing (``kept_minus_one == mask − 1``)
+    on entry: only entries whose mask changes are written. Return for each weight how many of its
+    entries are NaN or infinite (read in the same pass), or ``None``, having written nothing, where
+    the kernel does not serve it (see the module docstring); the caller then uses
+    :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m`` is the caller's to check. One call into C
+    for all the weights.
 
     >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
     >>> mask, minus = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4)
-    >>> nm_keep_(w, 2, 4, mask, minus)  # None where no C compiler was found
-    0
+    >>> nm_keep_([w], 2, 4, [mask], [minus])  # [None] where no C compiler was found
+    [0]
     >>> mask, minus
     (tensor([[False,  True,  True, False]]), tensor([[-1.,  0.,  0., -1.]]))
     """
     library = _library()
-    if library is None or weight.ndim != 2 or m > 64 or weight.shape[1] % m or \
-            not _fits((weight, mask, kept_minus_one), (torch.float32, torch.bool, torch.float32)):
-        return None
-    return library.nm_keep(weight.data_ptr(), weight.numel() // m, n, m, mask.data_ptr(), kept_minus_one.data_ptr())
+    served = [library is not None and w.ndim == 2 and m <= 64 and w.shape[1] % m == 0
+              and _fits(w, torch.float32, w.shape) and _fits(e, torch.bool, w.shape)
+              and _fits(v, torch.float32, w.shape) for w, e, v in zip(weights, masks, kept_minus_one)]
+    todo = [i for i, ok in enumerate(served) if ok]
+    out: list[int | None] = [None] * len(served)
+    if todo:
+        bad = _array(ctypes.c_int64, [0] * len(todo))
+        library.nm_keep_all(len(todo), _array(ctypes.c_void_p, [weights[i].data_ptr() for i in todo]),
+                            _array(ctypes.c_int64, [weights[i].numel() // m for i in todo]), n, m,
+                            _array(ctypes.c_void_p, [masks[i].data_ptr() for i in todo]),
+                            _array(ctypes.c_void_p, [kept_minus_one[i].data_ptr() for i in todo]), bad)
+        for i, count in zip(todo, bad):
+            out[i] = count
+    return out
 
 
-def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float) -> bool:
-    """``grad += scale · (1 − mask) ⊙ weight`` (the SR-STE term) in one pass reading the bool mask;
-    ``False``, writing nothing, where the kernel does not serve these tensors (float32, bool mask,
-    contiguous, on CPU, one shape).
+def add_pruned_(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                scale: float) -> list[bool]:
+    """``grads[i] += scale · (1 − masks[i]) ⊙ weights[i]`` (the SR-STE term), one pass each reading
+    the bool mask; for each, whether it was served (float32, bool mask, contiguous, on CPU, one
+    shape): the others are left unwritten for the caller.
 
     >>> grad, w = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
-    >>> add_pruned_(grad, w, torch.tensor([True, False, True, False]), 0.5), grad  # False without a compiler
-    (True, tensor([0., 1., 0., 2.]))
+    >>> add_pruned_([grad], [w], [torch.tensor([True, False, True, False])], 0.5), grad  # [False] without a compiler
+    ([True], tensor([0., 1., 0., 2.]))
     """
     library = _library()
-    if library is None or not _fits((grad, weight, mask), (torch.float32, torch.float32, torch.bool)):
-        return False
-    library.add_pruned(grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), grad.numel(), scale)
-    return True
+    served = [library is not None and _fits(g, torch.float32, g.shape) and _fits(w, torch.float32, g.shape)
+              and _fits(e, torch.bool, g.shape) for g, w, e in zip(grads, weights, masks)]
+    todo = [i for i, ok in enumerate(served) if ok]
+    if todo:
+        library.add_pruned_all(len(todo), _array(ctypes.c_void_p, [grads[i].data_ptr() for i in todo]),
+                               _array(ctypes.c_void_p, [weights[i].data_ptr() for i in todo]),
+                               _array(ctypes.c_void_p, [masks[i].data_ptr() for i in todo]),
+                               _array(ctypes.c_int64, [grads[i].numel() for i in todo]), scale)
+    return served

@@ -49,7 +49,7 @@ def test_kernel_equals_the_rederived_rule(m):
     w = awkward(70, 64)  # 70 rows x 64 / 4 groups: blocks of 16 groups and a remainder for m = 4
     for n in range(1, m):
         mask, minus = buffers(w.shape)
-        assert nm_cpu.nm_keep_(w, n, m, mask, minus) == int((~w.isfinite()).sum()) == 7
+        assert nm_cpu.nm_keep_([w], n, m, [mask], [minus]) == [int((~w.isfinite()).sum())] == [7]
         expected = rederived(w, n, m)
         assert torch.equal(mask, expected), (n, m)
         assert torch.equal(minus, expected.float() - 1)
@@ -60,7 +60,7 @@ def test_kernel_equals_the_rederived_rule(m):
 def test_only_changed_entries_are_written_and_every_change_is_caught(m):
     w = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))  # m = 4: 9 x 16 groups, 36 vectors of 4
     mask, minus = buffers(w.shape)
-    nm_cpu.nm_keep_(w, 2, m, mask, minus)
+    nm_cpu.nm_keep_([w], 2, m, [mask], [minus])
     before = mask.clone()
     minus[mask] = 7.0  # a mark on kept entries: one the kernel writes loses it
     for row, col in ((3, 20), (8, 60)):  # one group in a vector of 4, one among the last groups
@@ -68,7 +68,7 @@ def test_only_changed_entries_are_written_and_every_change_is_caught(m):
         largest, smallest = int(group.abs().argmax()), int(group.abs().argmin())
         group[[largest, smallest]] = group[[smallest, largest]].clone()
     expected = rederived(w, 2, m)
-    assert nm_cpu.nm_keep_(w, 2, m, mask, minus) == 0
+    assert nm_cpu.nm_keep_([w], 2, m, [mask], [minus]) == [0]
     assert torch.equal(mask, expected)
     flipped = expected != before
     assert flipped.sum() == 4  # two groups, one entry in and one out each
@@ -92,7 +92,7 @@ def test_kernel_declines_what_it_does_not_serve(case):
     else:
         out = (out[0], out[1].double())
     before = [t.clone() for t in out]
-    assert nm_cpu.nm_keep_(w, 2, 4, *out) is None
+    assert nm_cpu.nm_keep_([w], 2, 4, [out[0]], [out[1]]) == [None]
     assert all(torch.equal(a, b) for a, b in zip(before, out))  # nothing written
 
 
@@ -101,7 +101,7 @@ def test_the_srste_term_equals_its_formula():
     w, grad = torch.randn(7, 40, generator=gen), torch.randn(7, 40, generator=gen)
     mask = torch.rand(7, 40, generator=gen) < 0.5
     expected = grad + 2e-4 * ((1 - mask.float()) * w)  # g + λ (1 − E) ⊙ W
-    assert nm_cpu.add_pruned_(grad, w, mask, 2e-4)
+    assert nm_cpu.add_pruned_([grad], [w], [mask], 2e-4) == [True]
     assert torch.equal(grad, expected)
 
 
@@ -117,12 +117,12 @@ def test_the_srste_term_declines_what_it_does_not_serve(case):
     else:
         mask = mask.reshape(16, 8)
     before = grad.clone()
-    assert not nm_cpu.add_pruned_(grad, w, mask, 0.5)
+    assert nm_cpu.add_pruned_([grad], [w], [mask], 0.5) == [False]
     assert torch.equal(grad, before)
 
 
 def test_group_srste_term_is_the_same_on_both_paths(monkeypatch):
-    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8).double())
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8).double(), nn.Linear(8, 8))
     layers = {name: module for name, module in model.named_children()}
     for module in layers.values():
         attach_mask(module)
@@ -131,7 +131,7 @@ def test_group_srste_term_is_the_same_on_both_paths(monkeypatch):
     for w in group.weights:
         w.grad = torch.randn_like(w)
     before = [w.grad.clone() for w in group.weights]
-    group.add_pruned_weights_to_grad(0.5)  # the float32 layer through the kernel, the float64 one through torch
+    group.add_pruned_weights_to_grad(0.5)  # the float32 layers through the kernel, the float64 one through torch
     kernel = [w.grad for w in group.weights]
     for w, grad in zip(group.weights, before):
         w.grad = grad.clone()
@@ -143,7 +143,7 @@ def test_group_srste_term_is_the_same_on_both_paths(monkeypatch):
 
 
 def test_group_masks_match_nm_masks_on_both_paths():
-    model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(8, 8, 3), nn.Linear(8, 8).double())
+    model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(8, 8, 3), nn.Linear(8, 8).double(), nn.Linear(8, 8))
     layers = {name: module for name, module in model.named_children()}
     for module in layers.values():
         attach_mask(module)
@@ -151,7 +151,7 @@ def test_group_masks_match_nm_masks_on_both_paths():
             module.parametrizations.weight.original.copy_(torch.randn(module.weight.shape).round(decimals=1))  # ties
     group = MaskGroup(layers)
     version = group.version
-    group.set_nm_masks(2, 4)  # the Linear through the kernel, the conv and the float64 layer through torch ops
+    group.set_nm_masks(2, 4)  # the Linears through the kernel, the conv and the float64 layer through torch ops
     expected = nm_masks([module.parametrizations.weight.original for module in layers.values()], 2, 4)
     for p, e in zip(group.params, expected):
         assert torch.equal(p.mask, e)
@@ -186,7 +186,8 @@ def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="could not build its CPU N:M mask kernel.*LIT_EFF_NATIVE=0"):
         assert not nm_cpu.native_available()
     w = torch.randn(4, 8)
-    assert nm_cpu.nm_keep_(w, 2, 4, *buffers(w.shape)) is None
+    mask, minus = buffers(w.shape)
+    assert nm_cpu.nm_keep_([w], 2, 4, [mask], [minus]) == [None]
     layer = nn.Linear(8, 4)
     attach_mask(layer)
     group = MaskGroup({"fc": layer})
