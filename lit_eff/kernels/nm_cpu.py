@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -111,6 +112,41 @@ def _array(ctype, values: list) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
+_SHARE = 1 << 18  # entries (1 MiB of float32) a thread gets at least: less costs more to hand out than it saves
+_pools: dict[int, ThreadPoolExecutor] = {}  # by process: a pool does not survive a fork
+
+
+def _shares(sizes: list[int], per_entry: int) -> list[list[tuple[int, int, int]]]:
+    """The layers (``sizes`` in units of ``per_entry`` entries) cut into up to ``torch.get_num_threads()``
+    runs of about equal size, each a list of ``(layer, start, count)``."""
+    total = sum(sizes)
+    parts = max(1, min(torch.get_num_threads(), total * per_entry // _SHARE))
+    share = -(-total // parts)
+    runs: list[list[tuple[int, int, int]]] = [[]]
+    room = share
+    for layer, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            if room == 0:
+                runs.append([])
+                room = share
+            count = min(size - start, room)
+            runs[-1].append((layer, start, count))
+            start, room = start + count, room - count
+    return runs
+
+
+def _run(calls: list) -> None:
+    """Call each; on threads of a pool when there are several (the C calls release the GIL)."""
+    if len(calls) == 1:
+        calls[0]()
+        return
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        pool = _pools[os.getpid()] = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="lit_eff_kernel")
+    list(pool.map(lambda call: call(), calls))
+
+
 def nm_keep_(weights: Sequence[torch.Tensor], n: int, m: int, masks: Sequence[torch.Tensor],
              kept_minus_one: Sequence[torch.Tensor]) -> list[int | None]:
     """Set each ``masks[i]`` (bool) and ``kept_minus_one[i]`` (0 kept, −1 pruned) to the N:M mask of
@@ -118,8 +154,8 @@ def nm_keep_(weights: Sequence[torch.Tensor], n: int, m: int, masks: Sequence[to
     on entry: only entries whose mask changes are written. Return for each weight how many of its
     entries are NaN or infinite (read in the same pass), or ``None``, having written nothing, where
     the kernel does not serve it (see the module docstring); the caller then uses
-    :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m`` is the caller's to check. One call into C
-    for all the weights.
+    :func:`lit_eff.sparsity.nm_masks`. ``0 < n < m`` is the caller's to check. The work is cut
+    into ``torch.get_num_threads()`` equal runs on as many threads (one when it is small).
 
     >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
     >>> mask, minus = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4)
@@ -133,23 +169,31 @@ def nm_keep_(weights: Sequence[torch.Tensor], n: int, m: int, masks: Sequence[to
               and _fits(w, torch.float32, w.shape) and _fits(e, torch.bool, w.shape)
               and _fits(v, torch.float32, w.shape) for w, e, v in zip(weights, masks, kept_minus_one)]
     todo = [i for i, ok in enumerate(served) if ok]
-    out: list[int | None] = [None] * len(served)
-    if todo:
-        bad = _array(ctypes.c_int64, [0] * len(todo))
-        library.nm_keep_all(len(todo), _array(ctypes.c_void_p, [weights[i].data_ptr() for i in todo]),
-                            _array(ctypes.c_int64, [weights[i].numel() // m for i in todo]), n, m,
-                            _array(ctypes.c_void_p, [masks[i].data_ptr() for i in todo]),
-                            _array(ctypes.c_void_p, [kept_minus_one[i].data_ptr() for i in todo]), bad)
-        for i, count in zip(todo, bad):
-            out[i] = count
+    out: list[int | None] = [0 if ok else None for ok in served]
+    if not todo:
+        return out
+    pointers = [(weights[i].data_ptr(), masks[i].data_ptr(), kept_minus_one[i].data_ptr()) for i in todo]
+    calls, counts = [], []
+    for run in _shares([weights[i].numel() // m for i in todo], m):  # in groups of m
+        bad = _array(ctypes.c_int64, [0] * len(run))
+        calls.append(functools.partial(
+            library.nm_keep_all, len(run), _array(ctypes.c_void_p, [pointers[k][0] + 4 * m * at for k, at, _ in run]),
+            _array(ctypes.c_int64, [count for _, _, count in run]), n, m,
+            _array(ctypes.c_void_p, [pointers[k][1] + m * at for k, at, _ in run]),
+            _array(ctypes.c_void_p, [pointers[k][2] + 4 * m * at for k, at, _ in run]), bad))
+        counts.append((run, bad))
+    _run(calls)
+    for run, bad in counts:
+        for (k, _, _), count in zip(run, bad):
+            out[todo[k]] += count
     return out
 
 
 def add_pruned_(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                 scale: float) -> list[bool]:
     """``grads[i] += scale · (1 − masks[i]) ⊙ weights[i]`` (the SR-STE term), one pass each reading
-    the bool mask; for each, whether it was served (float32, bool mask, contiguous, on CPU, one
-    shape): the others are left unwritten for the caller.
+    the bool mask, threaded as :func:`nm_keep_`; for each, whether it was served (float32, bool
+    mask, contiguous, on CPU, one shape): the others are left unwritten for the caller.
 
     >>> grad, w = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
     >>> add_pruned_([grad], [w], [torch.tensor([True, False, True, False])], 0.5), grad  # [False] without a compiler
@@ -159,9 +203,14 @@ def add_pruned_(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], 
     served = [library is not None and _fits(g, torch.float32, g.shape) and _fits(w, torch.float32, g.shape)
               and _fits(e, torch.bool, g.shape) for g, w, e in zip(grads, weights, masks)]
     todo = [i for i, ok in enumerate(served) if ok]
-    if todo:
-        library.add_pruned_all(len(todo), _array(ctypes.c_void_p, [grads[i].data_ptr() for i in todo]),
-                               _array(ctypes.c_void_p, [weights[i].data_ptr() for i in todo]),
-                               _array(ctypes.c_void_p, [masks[i].data_ptr() for i in todo]),
-                               _array(ctypes.c_int64, [grads[i].numel() for i in todo]), scale)
+    if not todo:
+        return served
+    pointers = [(grads[i].data_ptr(), weights[i].data_ptr(), masks[i].data_ptr()) for i in todo]
+    calls = [functools.partial(
+        library.add_pruned_all, len(run), _array(ctypes.c_void_p, [pointers[k][0] + 4 * at for k, at, _ in run]),
+        _array(ctypes.c_void_p, [pointers[k][1] + 4 * at for k, at, _ in run]),
+        _array(ctypes.c_void_p, [pointers[k][2] + at for k, at, _ in run]),
+        _array(ctypes.c_int64, [count for _, _, count in run]), scale)
+        for run in _shares([grads[i].numel() for i in todo], 1)]
+    _run(calls)
     return served

@@ -77,6 +77,28 @@ def test_only_changed_entries_are_written_and_every_change_is_caught(m):
     assert 2 <= rewritten <= 2 * 8  # the changed ones, at most with their vectors' others
 
 
+def test_threads_share_the_work_cut_inside_layers(monkeypatch):
+    monkeypatch.setattr(nm_cpu, "_SHARE", 100)  # runs of ~100 entries: cuts fall inside layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert [[(k, c) for k, _, c in run] for run in nm_cpu._shares([50, 20, 5], 4)] == [[(0, 25)], [(0, 25)],
+                                                                                           [(1, 20), (2, 5)]]
+        weights = [awkward(rows, 64, seed) for seed, rows in enumerate((70, 10, 30))]  # unequal: runs cut inside layers
+        buffers_ = [buffers(w.shape) for w in weights]
+        bad = nm_cpu.nm_keep_(weights, 2, 4, [b[0] for b in buffers_], [b[1] for b in buffers_])
+        assert bad == [int((~w.isfinite()).sum()) for w in weights]
+        for w, (mask, minus) in zip(weights, buffers_):
+            assert torch.equal(mask, rederived(w, 2, 4)) and torch.equal(minus, mask.float() - 1)
+        weights, grads = [torch.randn(w.shape) for w in weights], [torch.randn(w.shape) for w in weights]
+        masks = [b[0] for b in buffers_]
+        expected = [g + 0.5 * ((1 - e.float()) * w) for g, w, e in zip(grads, weights, masks)]
+        assert nm_cpu.add_pruned_(grads, weights, masks, 0.5) == [True] * 3
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("case", ["float64", "transposed", "conv", "m does not divide", "float64 buffer"])
 def test_kernel_declines_what_it_does_not_serve(case):
     w = torch.randn(8, 16)
