@@ -25,39 +25,47 @@ static inline void store(int64_t at, int32_t keep, uint8_t *mask, float *kept_mi
   }
 }
 
-/* 16 entries (four groups of 4) at a time, in vector types GCC and clang lower to what the CPU has */
+/* 16 entries at a time, in vector types GCC and clang lower to what the CPU has */
 typedef int32_t i16 __attribute__((vector_size(64)));
 typedef uint8_t u16 __attribute__((vector_size(16)));
 typedef float f16 __attribute__((vector_size(64)));
 
-/* the other entries of each group, rotated by 1, 2 and 3 places */
-#if defined(__clang__)
-#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#if defined(__clang__)  /* clang has no shuffle by a vector of indices: element by element */
+static inline i16 ROTATED(i16 v, i16 index) {
+  i16 out;
+  for (int i = 0; i < 16; ++i) out[i] = v[index[i]];
+  return out;
+}
 #else
-#define SHUFFLE(v, ...) __builtin_shuffle(v, (i16){__VA_ARGS__})
+#define ROTATED(v, index) __builtin_shuffle(v, index)
 #endif
-#define ROTATE(v, r) SHUFFLE(v, (0 + r) % 4, (1 + r) % 4, (2 + r) % 4, (3 + r) % 4, 4 + (0 + r) % 4,            \
-    4 + (1 + r) % 4, 4 + (2 + r) % 4, 4 + (3 + r) % 4, 8 + (0 + r) % 4, 8 + (1 + r) % 4, 8 + (2 + r) % 4,        \
-    8 + (3 + r) % 4, 12 + (0 + r) % 4, 12 + (1 + r) % 4, 12 + (2 + r) % 4, 12 + (3 + r) % 4)
 
-/* m = 4. Magnitudes are compared as integers: the bits of |w| order like its values (+0 = -0), NaN
- * becomes -1. Each entry meets its group's others by rotating the group: the entry r places on is
- * to its left where the entry's place + r >= 4, and then beats it when equal too: beats = other >
- * key - left, one comparison. */
-static int64_t keep_of_4(const float *w, int64_t groups, int32_t n, uint8_t *mask, float *kept_minus_one) {
-  const i16 place = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
-  const i16 left1 = -(place >= 3), left2 = -(place >= 2), left3 = -(place >= 1); /* 1 or 0 */
+/* m in {2, 4, 8, 16}, so groups lie inside vectors of 16 entries. Magnitudes are compared as
+ * integers: the bits of |w| order like its values (+0 = -0), NaN becomes -1. Each entry meets its
+ * group's others by rotating the group by r = 1 .. m-1 places: the entry r places on is to its left
+ * where the entry's place + r >= m, and then beats it when equal too: beats = other > key - left,
+ * one comparison. Sets *done to the entries handled (a multiple of 16); returns the non-finite. */
+static inline __attribute__((always_inline)) int64_t keep_vectors(const float *w, int64_t numel, int32_t n,
+                                                                  const int m, uint8_t *mask,
+                                                                  float *kept_minus_one, int64_t *done) {
   const int32_t inf = 0x7f800000;
   i16 finite = {0};
-  int64_t numel = 4 * groups, at = 0, bad = 0;
+  int64_t at = 0;
   for (; at + 16 <= numel; at += 16) {
-    i16 key;
+    i16 key, rank = {0};
     memcpy(&key, w + at, sizeof key);
     key &= 0x7fffffff;                       /* |w| */
     finite -= key < inf;                     /* counts up: comparisons give -1 for true */
     key |= key > inf;                        /* NaN: -1 */
-    i16 r1 = ROTATE(key, 1), r2 = ROTATE(key, 2), r3 = ROTATE(key, 3);
-    i16 rank = -(r1 > key - left1) - (r2 > key - left2) - (r3 > key - left3);
+#pragma GCC unroll 16
+    for (int r = 1; r < m; ++r) {  /* unrolled: each rotation's indices are constants */
+      i16 index, left;
+      for (int i = 0; i < 16; ++i) {
+        index[i] = (i & ~(m - 1)) | ((i + r) & (m - 1));
+        left[i] = (i & (m - 1)) + r >= m;
+      }
+      rank -= ROTATED(key, index) > key - left;
+    }
     i16 keep = (rank < n) & 1;
     u16 bytes = __builtin_convertvector(keep, u16), old;
     uint64_t differ[2];
@@ -70,30 +78,23 @@ static int64_t keep_of_4(const float *w, int64_t groups, int32_t n, uint8_t *mas
       memcpy(kept_minus_one + at, &values, sizeof values);
     }
   }
-  for (int i = 0; i < 16; ++i) bad += finite[i];
-  bad = at - bad;  /* entries seen so far less the finite ones */
-  for (; at < numel; at += 4) {  /* the last groups, one at a time */
-    const float *x = w + at;
-    float a[4];
-    for (int i = 0; i < 4; ++i) {
-      bad += nonfinite(x[i]);
-      a[i] = magnitude(x[i]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      int32_t beaten_by = 0;
-      for (int j = 0; j < 4; ++j) beaten_by += j < i ? a[j] >= a[i] : a[j] > a[i];
-      store(at + i, beaten_by < n, mask, kept_minus_one);
-    }
-  }
-  return bad;
+  int64_t counted = 0;
+  for (int i = 0; i < 16; ++i) counted += finite[i];
+  *done = at;
+  return at - counted;
 }
 
 /* groups = numel / m; m <= 64 */
 int64_t nm_keep(const float *w, int64_t groups, int32_t n, int32_t m, uint8_t *mask, float *kept_minus_one) {
-  if (m == 4) return keep_of_4(w, groups, n, mask, kept_minus_one);
-  int64_t bad = 0;
+  int64_t bad = 0, done = 0;
+  switch (m) {  /* one copy of the vector loop per m, its rotations fixed */
+    case 2: bad = keep_vectors(w, groups * m, n, 2, mask, kept_minus_one, &done); break;
+    case 4: bad = keep_vectors(w, groups * m, n, 4, mask, kept_minus_one, &done); break;
+    case 8: bad = keep_vectors(w, groups * m, n, 8, mask, kept_minus_one, &done); break;
+    case 16: bad = keep_vectors(w, groups * m, n, 16, mask, kept_minus_one, &done); break;
+  }
   float mag[64];
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = done / m; g < groups; ++g) {  /* the rest, a group at a time */
     for (int i = 0; i < m; ++i) {
       mag[i] = magnitude(w[g * m + i]);
       bad += nonfinite(w[g * m + i]);
