@@ -12,8 +12,9 @@ exact N:M mask of the current weights (``update_every=1``, the default, is exact
 
 ``--parts`` times what N:M adds to a step piece by piece, in a plain loop on the same ViT, the
 pieces alternating step by step (so slow spells of the machine hit every piece alike): the mask
-refresh with the C kernel and with torch ops, the SR-STE term, the NaN check, and forward +
-backward with masks against dense; then the whole step against dense.
+refresh with the C kernel and with torch ops (2:4, and 1:8 and 1:16 on copies of the model), the
+SR-STE term, the NaN check, and forward + backward with masks against dense; then the whole step
+against dense.
 """
 
 from __future__ import annotations
@@ -85,10 +86,15 @@ def parts(steps: int) -> None:
     torch.manual_seed(0)
     dense, masked = vit(), vit()
     masked.load_state_dict(dense.state_dict())
-    layers = {n: m for n, m in masked.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n}
-    for layer in layers.values():
-        sparsity.attach_mask(layer)
-    group = sparsity.MaskGroup(layers)
+
+    def masked_group(model):
+        found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n}
+        for layer in found.values():
+            sparsity.attach_mask(layer)
+        return sparsity.MaskGroup(found)
+
+    group = masked_group(masked)
+    group8, group16 = masked_group(vit()), masked_group(vit())  # 1:8 and 1:16 masks on copies of their own
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     optimizers = {dense: torch.optim.AdamW(dense.parameters()), masked: torch.optim.AdamW(masked.parameters())}
 
@@ -114,6 +120,10 @@ def parts(steps: int) -> None:
         "mask refresh, C kernel": lambda: group.set_nm_masks(2, 4),
         "mask refresh, torch ops": lambda: group.set_masks(group.nm_masks(2, 4), density=0.5),
         "NaN check": group.finite,
+        "mask refresh 1:8, C kernel": lambda: group8.set_nm_masks(1, 8),
+        "mask refresh 1:8, torch ops": lambda: group8.set_masks(group8.nm_masks(1, 8), density=1 / 8),
+        "mask refresh 1:16, C kernel": lambda: group16.set_nm_masks(1, 16),
+        "mask refresh 1:16, torch ops": lambda: group16.set_masks(group16.nm_masks(1, 16), density=1 / 16),
     }
     times: dict[str, list[float]] = {name: [] for name in pieces}
     for i in range(steps + 3):
@@ -122,7 +132,7 @@ def parts(steps: int) -> None:
             piece()
             if i >= 3:
                 times[name].append(time.perf_counter() - start)
-    print(f"{sum(p.numel() for p in group.weights) / 1e6:.2f} M masked weights in {len(layers)} layers, "
+    print(f"{sum(p.numel() for p in group.weights) / 1e6:.2f} M masked weights in {len(group.names)} layers, "
           f"C kernel: {native_available()}; ms, median (10th percentile) over {steps} alternations")
     for name, got in times.items():
         print(f"  {name:28s} {statistics.median(got) * 1e3:8.2f} ({statistics.quantiles(got, n=10)[0] * 1e3:.2f})")
