@@ -84,8 +84,9 @@ class MaskGroup:
     @torch.no_grad()
     def set_nm_masks(self, n: int, m: int) -> None:
         """Set every mask to the N:M mask of its current dense weight: ``set_masks(nm_masks(n, m))``,
-        with plain float32 CPU weights going through :func:`lit_eff.kernels.nm_cpu.nm_keep_`
-        (one pass over each weight, writing only the mask entries that change) and the rest through :func:`~lit_eff.sparsity.nm_masks`."""
+        with plain float32 CPU weights going through :func:`lit_eff.kernels.nm_cpu.nm_keep_` (one
+        pass over each weight, writing only the mask entries that change) and the rest through
+        :func:`~lit_eff.sparsity.nm_masks`."""
         check_nm(n, m)
         weights = self.weights
         nonfinite = nm_keep_(weights, n, m, [p.mask for p in self.params], [p.kept_minus_one for p in self.params])
