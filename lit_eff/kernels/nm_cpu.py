@@ -112,6 +112,16 @@ def _array(ctype, values: list) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
+def _starts(run: list[tuple[int, int, int]], bases: list[int], unit: int) -> ctypes.Array:
+    """The address each piece of ``run`` starts at in its tensor (``bases``: the tensors' addresses,
+    ``unit``: bytes per unit of ``start``)."""
+    return _array(ctypes.c_void_p, [bases[k] + unit * start for k, start, _ in run])
+
+
+def _counts(run: list[tuple[int, int, int]]) -> ctypes.Array:
+    return _array(ctypes.c_int64, [count for _, _, count in run])
+
+
 _SHARE = 1 << 18  # entries (1 MiB of float32) a thread gets at least: less costs more to hand out than it saves
 _pools: dict[int, ThreadPoolExecutor] = {}  # by process: a pool does not survive a fork
 
@@ -172,15 +182,12 @@ def nm_keep_(weights: Sequence[torch.Tensor], n: int, m: int, masks: Sequence[to
     out: list[int | None] = [0 if ok else None for ok in served]
     if not todo:
         return out
-    pointers = [(weights[i].data_ptr(), masks[i].data_ptr(), kept_minus_one[i].data_ptr()) for i in todo]
+    w, e, v = ([t[i].data_ptr() for i in todo] for t in (weights, masks, kept_minus_one))
     calls, counts = [], []
     for run in _shares([weights[i].numel() // m for i in todo], m):  # in groups of m
         bad = _array(ctypes.c_int64, [0] * len(run))
-        calls.append(functools.partial(
-            library.nm_keep_all, len(run), _array(ctypes.c_void_p, [pointers[k][0] + 4 * m * at for k, at, _ in run]),
-            _array(ctypes.c_int64, [count for _, _, count in run]), n, m,
-            _array(ctypes.c_void_p, [pointers[k][1] + m * at for k, at, _ in run]),
-            _array(ctypes.c_void_p, [pointers[k][2] + 4 * m * at for k, at, _ in run]), bad))
+        calls.append(functools.partial(library.nm_keep_all, len(run), _starts(run, w, 4 * m), _counts(run), n, m,
+                                       _starts(run, e, m), _starts(run, v, 4 * m), bad))
         counts.append((run, bad))
     _run(calls)
     for run, bad in counts:
@@ -205,12 +212,8 @@ def add_pruned_(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], 
     todo = [i for i, ok in enumerate(served) if ok]
     if not todo:
         return served
-    pointers = [(grads[i].data_ptr(), weights[i].data_ptr(), masks[i].data_ptr()) for i in todo]
-    calls = [functools.partial(
-        library.add_pruned_all, len(run), _array(ctypes.c_void_p, [pointers[k][0] + 4 * at for k, at, _ in run]),
-        _array(ctypes.c_void_p, [pointers[k][1] + 4 * at for k, at, _ in run]),
-        _array(ctypes.c_void_p, [pointers[k][2] + at for k, at, _ in run]),
-        _array(ctypes.c_int64, [count for _, _, count in run]), scale)
-        for run in _shares([grads[i].numel() for i in todo], 1)]
-    _run(calls)
+    g, w, e = ([t[i].data_ptr() for i in todo] for t in (grads, weights, masks))
+    _run([functools.partial(library.add_pruned_all, len(run), _starts(run, g, 4), _starts(run, w, 4),
+                            _starts(run, e, 1), _counts(run), scale)
+          for run in _shares([grads[i].numel() for i in todo], 1)])
     return served
